@@ -1,0 +1,1 @@
+"""Data: the shard schema shared with `data_shards`, transforms, text formats and the streaming loader."""
