@@ -34,3 +34,83 @@ def shard_name(split: str, index: int) -> str:
 #   answer_type, question_type (VQA v2 only)
 TASKS = ("caption", "qa")
 MODALITIES = ("image", "video", "audio")
+
+SCHEMA_VERSION = 1
+
+# Extra per-sample JSON keys written by data_shards:
+#   image_path / video_path / audio_path (str, relative to --media-root, for debugging),
+#   raw_answers (list[str], the 10 VQA v2 answers), multiple_choice_answer (VQA v2),
+#   audiocap_ids (list, AudioCaps CSV). `answers` is [] when the split has no ground truth.
+
+# Audio front end (reference §2): the fbank is computed once at build time with these settings.
+AUDIO_SAMPLE_RATE = 16000
+AUDIO_NUM_MEL_BINS = 128
+AUDIO_TARGET_LENGTH = 1024
+
+# Skip reasons a build counts in the manifest's `skipped`.
+SKIP_REASONS = (
+    "malformed_record",  # an annotation entry lacks fields or has the wrong types
+    "missing_media",  # the referenced file does not exist
+    "path_escapes_root",  # the media path points outside --media-root
+    "corrupt_image",
+    "unreadable_video",
+    "unreadable_audio",
+    "encoder_error",  # the feature cache could not encode the sample
+)
+
+
+def done_record_name(shard: str) -> str:
+    """The per-shard done-record written after the shard is renamed into place."""
+    return shard + ".json"
+
+
+def fingerprint(
+    encoder: str,
+    weights_hash: str,
+    layers: int,
+    preprocessing: str,
+    image_size: int,
+    **extra: object,
+) -> dict:
+    """The provenance of cached encoder features; training refuses features with a different one."""
+    fp = {
+        "encoder": encoder,
+        "weights_hash": weights_hash,
+        "layers": int(layers),
+        "preprocessing": preprocessing,
+        "image_size": int(image_size),
+    }
+    fp.update(extra)
+    return fp
+
+
+def check_fingerprint(manifest_fp: dict | None, expected_fp: dict) -> None:
+    """Raise ValueError naming every field where the shards' features differ from the model's."""
+    if manifest_fp is None:
+        raise ValueError("the shards carry no cached features (manifest fingerprint is null)")
+    keys = sorted(set(manifest_fp) | set(expected_fp))
+    diffs = [
+        f"{k}: shards={manifest_fp.get(k, '<absent>')!r} expected={expected_fp.get(k, '<absent>')!r}"
+        for k in keys
+        if manifest_fp.get(k) != expected_fp.get(k)
+    ]
+    if diffs:
+        raise ValueError(
+            "cached-feature fingerprint mismatch; rebuild the shards or fix the config:\n  "
+            + "\n  ".join(diffs)
+        )
+
+
+def weights_hash(state_dict: dict) -> str:
+    """sha256 over a module's tensors (names sorted, dtype and shape included), 16 hex digits."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        # raw bytes, so bfloat16 (which numpy lacks) hashes too
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
