@@ -1,0 +1,1 @@
+"""Command-line scorers over epalm.metrics: `python -m eval.vqa|caption|qa --help`."""

@@ -1,0 +1,40 @@
+"""Normalised exact-match accuracy for GQA / MSRVTT-QA / MSVD-QA: `python -m eval.qa --predictions P --references R`.
+
+Prints {"accuracy" (percent, 2 decimals), "num_questions"} as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from epalm.metrics.qa import score_qa
+from epalm.metrics.vqa import MetricsInputError, load_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.qa", description=__doc__)
+    parser.add_argument("--predictions", required=True, help='JSON list: [{"question_id", "answer"}]')
+    parser.add_argument(
+        "--references",
+        required=True,
+        help='JSON list of {"question_id", and "label": {ans: score} | "answers": [...] | "answer": str}',
+    )
+    parser.add_argument("--out", type=Path, help="also write the scores JSON here")
+    args = parser.parse_args(argv)
+    try:
+        scores = score_qa(load_json(args.predictions), load_json(args.references))
+    except MetricsInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(scores, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
