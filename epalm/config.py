@@ -170,6 +170,11 @@ def _check_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML reads "3e-4" (no dot) as a string: accept any float literal
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         problems.append(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
