@@ -40,7 +40,8 @@ SCHEMA_VERSION = 1
 # Extra per-sample JSON keys written by data_shards:
 #   image_path / video_path / audio_path (str, relative to --media-root, for debugging),
 #   raw_answers (list[str], the 10 VQA v2 answers), multiple_choice_answer (VQA v2),
-#   audiocap_ids (list, AudioCaps CSV). `answers` is [] when the split has no ground truth.
+#   audiocap_ids, start_time (AudioCaps CSV), full_answer (GQA), url (CC3M img2dataset).
+#   `answers` is [] when the split has no ground truth (VQA v2 test, GQA challenge test).
 
 # Audio front end (reference §2): the fbank is computed once at build time with these settings.
 AUDIO_SAMPLE_RATE = 16000
@@ -82,6 +83,31 @@ def fingerprint(
     }
     fp.update(extra)
     return fp
+
+
+def preprocessing_name(modality: str, normalization: str, num_frames: int) -> str:
+    """How stored media become encoder input at test time (the eval transform of epalm.data.transforms)."""
+    if modality == "audio":
+        return f"audio:fbank{AUDIO_NUM_MEL_BINS}x{AUDIO_TARGET_LENGTH}@{AUDIO_SAMPLE_RATE}:ast-norm"
+    frames = f":frames={num_frames}" if modality == "video" else ""
+    return f"{modality}:jpeg-resize-bicubic:{normalization}{frames}"
+
+
+def encoder_fingerprint(
+    encoder_cfg: object, state_dict: dict, modality: str, image_size: int, num_frames: int, normalization: str
+) -> dict:
+    """The fingerprint of an `epalm.config.EncoderConfig` and its built encoder's weights.
+
+    The builder records it in the manifest; training computes it again and calls check_fingerprint.
+    """
+    cfg = encoder_cfg
+    return fingerprint(
+        encoder=f"{cfg.kind}:{cfg.name}:{cfg.dtype}",
+        weights_hash=weights_hash(state_dict),
+        layers=cfg.num_states,
+        preprocessing=preprocessing_name(modality, normalization, num_frames),
+        image_size=image_size,
+    )
 
 
 def check_fingerprint(manifest_fp: dict | None, expected_fp: dict) -> None:

@@ -1,0 +1,1 @@
+"""Offline shard building: annotation sources in their real formats -> WebDataset tar shards + manifest."""
