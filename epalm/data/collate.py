@@ -1,0 +1,162 @@
+"""Raw samples -> one training or generation batch: safe decoding, transforms, text formats, labels."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+from transformers import PreTrainedTokenizerBase
+
+from epalm.data import schema
+from epalm.data.stream import RawSample
+from epalm.data.text import ANSWER_TOKEN, build_labels, format_caption, format_qa, tokenize
+from epalm.data.transforms import AudioTransform, ImageTransform, Normalization
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """JPEG bytes -> uint8 (3, H, W) RGB."""
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """`.npy` bytes -> array; object arrays (which would need pickle) are refused by numpy."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def sample_answer(answers: Sequence[dict], rng: random.Random) -> str:
+    """One answer drawn with probability proportional to its score (uniform if all scores are 0)."""
+    if not answers:
+        raise ValueError("a QA training sample has no answers")
+    scores = [max(float(a.get("score", 1.0)), 0.0) for a in answers]
+    if sum(scores) <= 0:
+        return rng.choice(answers)["answer"]
+    return rng.choices(answers, weights=scores, k=1)[0]["answer"]
+
+
+def pick_caption(captions: str | Sequence[str], rng: random.Random) -> str:
+    if isinstance(captions, str):
+        return captions
+    if not captions:
+        raise ValueError("a caption training sample has no caption")
+    return captions[0] if len(captions) == 1 else rng.choice(list(captions))
+
+
+def _frame_index(ext: str) -> int | None:
+    if ext.startswith("frame") and ext.endswith(".jpg"):
+        return int(ext[len("frame") : -len(".jpg")])
+    return None
+
+
+@dataclass(frozen=True)
+class BatchBuilder:
+    """Turns the raw samples of one dataset into a batch dict; `train=False` gives generation prompts.
+
+    Per-sample randomness (answer draw, caption pick, crop, flip, SpecAugment) comes from RNGs
+    seeded by (seed, dataset index, epoch, key), so a batch is a pure function of its samples.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    task: str
+    modality: str
+    name: str
+    index: int
+    train: bool
+    use_features: bool = False
+    image_size: int = 224
+    normalization: Normalization = "clip"
+    answer_only: bool = False
+    double_question_mark: bool = False
+
+    @cached_property
+    def image_transform(self) -> ImageTransform:
+        return ImageTransform(self.image_size, self.train, self.normalization)
+
+    @cached_property
+    def audio_transform(self) -> AudioTransform:
+        return AudioTransform(train=self.train)
+
+    def wanted(self, ext: str) -> bool:
+        """The members this dataset decodes; all others are seeked over, never read."""
+        if ext == schema.JSON:
+            return True
+        if self.use_features:
+            return ext == schema.FEATURES
+        if self.modality == "image":
+            return ext == schema.IMAGE
+        if self.modality == "video":
+            return _frame_index(ext) is not None
+        return ext == schema.AUDIO
+
+    def _media(self, sample: RawSample, rng: random.Random) -> torch.Tensor:
+        m = sample.members
+        need = (
+            schema.FEATURES
+            if self.use_features
+            else {"image": schema.IMAGE, "audio": schema.AUDIO}.get(self.modality)
+        )
+        if need is not None and need not in m:
+            raise ValueError(f"{sample.shard}: sample {sample.key!r} has no {need!r} member")
+        if self.use_features:
+            return torch.from_numpy(decode_npy(m[schema.FEATURES]).astype(np.float32))
+        if self.modality == "audio":
+            fbank = torch.from_numpy(decode_npy(m[schema.AUDIO]).astype(np.float32))
+            return self.audio_transform(fbank, rng)
+        transform = self.image_transform
+        if self.modality == "image":
+            return transform(decode_image(m[schema.IMAGE]), rng)
+        frames = sorted((i, ext) for ext in m if (i := _frame_index(ext)) is not None)
+        if not frames:
+            raise ValueError(f"{sample.shard}: video sample {sample.key!r} has no frameNNN.jpg members")
+        return transform(torch.stack([decode_image(m[ext]) for _, ext in frames]), rng)
+
+    def _text(self, meta: dict, rng: random.Random, sample: RawSample) -> str:
+        eos = self.tokenizer.eos_token
+        field = "question" if self.task == "qa" else "captions"
+        needed = [field] if self.train or self.task == "qa" else []
+        needed += ["answers"] if self.train and self.task == "qa" else []
+        if any(k not in meta for k in needed):
+            raise ValueError(
+                f"{sample.shard}: sample {sample.key!r} lacks one of {needed} for task {self.task!r}"
+            )
+        if self.task == "qa":
+            answer = sample_answer(meta["answers"], rng) if self.train else None
+            return format_qa(meta["question"], answer, eos, self.double_question_mark)
+        return format_caption(pick_caption(meta["captions"], rng) if self.train else None, eos)
+
+    def __call__(self, samples: Sequence[RawSample], epoch: int, seed: int) -> dict:
+        metas, texts, media = [], [], []
+        for s in samples:
+            if schema.JSON not in s.members:
+                raise ValueError(f"{s.shard}: sample {s.key!r} has no json member")
+            meta = json.loads(s.members[schema.JSON])
+            tag = f"{seed}/{self.index}/{epoch}/{s.key}"
+            # separate streams, so switching to cached features keeps the same answers and captions
+            texts.append(self._text(meta, random.Random(tag + "/text"), s))
+            media.append(self._media(s, random.Random(tag + "/media")))
+            metas.append(meta)
+        shapes = {tuple(x.shape) for x in media}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"dataset {self.name!r}: samples in one batch have different shapes {sorted(shapes)}"
+            )
+        ids, mask = tokenize(self.tokenizer, texts, padding_side="right" if self.train else "left")
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if self.train:
+            sep = self.tokenizer.convert_tokens_to_ids(ANSWER_TOKEN) if self.answer_only else None
+            batch["labels"] = build_labels(ids, mask, sep, self.answer_only and self.task == "qa")
+        batch["encoder_states" if self.use_features else "media"] = torch.stack(media)
+        batch.update(
+            modality=self.modality,
+            task=self.task,
+            dataset=self.name,
+            keys=[s.key for s in samples],
+            meta=metas,
+        )
+        return batch

@@ -1,0 +1,258 @@
+"""Exact-resume machinery: who reads what (per rank, worker, epoch), the mixing schedule, the DataLoader wrapper.
+
+Every worker's batches are a pure function of (seed, epoch, rank, world size, worker, workers), so
+the loader state is a count of batches handed out; see docs/loader.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from epalm.data.collate import BatchBuilder
+from epalm.data.stream import ShardList, buffer_shuffle_order, iter_ordered, pieces_of, shard_order
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+_BLOCK = 4096  # schedule steps drawn per RNG block
+
+
+def worker_batch_counts(num_batches: int, num_workers: int) -> list[int]:
+    """Batches of worker w: DataLoader hands out batch i from worker i % num_workers."""
+    return [(num_batches - w + num_workers - 1) // num_workers for w in range(num_workers)]
+
+
+def eval_batches_per_rank(num_samples: int, world_size: int, batch_size: int) -> list[int]:
+    """Eval batches of each rank (they differ by at most one; ZeRO-3 generation must pad to the max)."""
+    sizes = [num_samples * (r + 1) // world_size - num_samples * r // world_size for r in range(world_size)]
+    return [-(-n // batch_size) for n in sizes]
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """Where each (rank, worker, epoch) of one dataset reads, all a pure function of its arguments."""
+
+    shards: ShardList
+    builder: BatchBuilder
+    rank: int
+    world_size: int
+    batch_size: int
+    num_workers: int  # logical workers, >= 1
+    shuffle_buffer: int
+    unsafe: str
+
+    @property
+    def num_batches(self) -> int:
+        return self.shards.num_samples // (self.world_size * self.batch_size)
+
+    def iter_train(self, worker: int, consumed: int, seed: int) -> Iterator[tuple[int, list]]:
+        """(epoch, raw batch) of one worker from its `consumed`-th batch on, through epochs forever."""
+        counts, b = worker_batch_counts(self.num_batches, self.num_workers), self.batch_size
+        epoch, first = divmod(consumed, counts[worker])
+        start = (self.rank * self.num_batches + sum(counts[:worker])) * b
+        n = counts[worker] * b
+        tag = f"{seed}/{self.builder.index}"
+        while True:
+            order = shard_order(len(self.shards.names), random.Random(f"shards/{tag}/{epoch}"))
+            pieces = pieces_of(self.shards.counts, order, start, start + n)
+            rng = random.Random(f"buffer/{tag}/{epoch}/{self.rank}/{worker}")
+            perm = buffer_shuffle_order(n, self.shuffle_buffer, rng)
+            samples = iter_ordered(self.shards, pieces, perm, first * b, self.builder.wanted, self.unsafe)
+            for _ in range(first, counts[worker]):
+                yield epoch, [next(samples) for _ in range(b)]
+            epoch, first = epoch + 1, 0
+
+    def iter_eval(self, worker: int) -> Iterator[tuple[int, list]]:
+        """Worker `worker`'s share of this rank's contiguous slice, in manifest order; last batch partial."""
+        total, r, w, b = self.shards.num_samples, self.rank, self.world_size, self.batch_size
+        lo, hi = total * r // w, total * (r + 1) // w
+        num_batches = -(-(hi - lo) // b)
+        short = num_batches * b - (hi - lo)
+        sizes = [c * b for c in worker_batch_counts(num_batches, self.num_workers)]
+        if num_batches:
+            sizes[(num_batches - 1) % self.num_workers] -= short  # the owner of the last batch
+        start, n = lo + sum(sizes[:worker]), sizes[worker]
+        order = shard_order(len(self.shards.names), None)
+        pieces = pieces_of(self.shards.counts, order, start, start + n)
+        samples = iter_ordered(self.shards, pieces, range(n), 0, self.builder.wanted, self.unsafe)
+        for i in range(0, n, b):
+            yield 0, [next(samples) for _ in range(min(b, n - i))]
+
+
+class _Schedule:
+    """Dataset index of each global step, from an RNG seeded only by (seed, block): equal on all ranks."""
+
+    def __init__(self, weights: Sequence[float], seed: int) -> None:
+        self.cum = np.cumsum(np.asarray(weights, dtype=np.float64) / sum(weights))
+        self.seed = seed
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def block(self, index: int) -> np.ndarray:
+        if len(self.cum) == 1:
+            return np.zeros(_BLOCK, dtype=np.int64)
+        if self._cache is None or self._cache[0] != index:
+            u = np.random.default_rng([0x6D6978, self.seed, index]).random(_BLOCK)
+            choice = np.minimum(np.searchsorted(self.cum, u, side="right"), len(self.cum) - 1)
+            self._cache = (index, choice)
+        return self._cache[1]
+
+    def at(self, step: int) -> int:
+        return int(self.block(step // _BLOCK)[step % _BLOCK])
+
+    def worker_counts(self, steps: int, per_epoch: int, num_workers: int) -> np.ndarray:
+        """(worker, dataset) -> batches that logical worker took from that dataset in steps [0, steps)."""
+        counts = np.zeros(num_workers * len(self.cum), dtype=np.int64)
+        for blk in range(-(-steps // _BLOCK)):
+            g = np.arange(blk * _BLOCK, min(steps, (blk + 1) * _BLOCK))
+            worker = (g % per_epoch) % num_workers
+            counts += np.bincount(worker * len(self.cum) + self.block(blk)[: len(g)], minlength=len(counts))
+        return counts.reshape(num_workers, len(self.cum))
+
+
+class _EpochView(IterableDataset):
+    """The batches of one epoch from step `start` on; physical worker p plays logical (p + start) % K."""
+
+    def __init__(self, plans, schedule, seed, epoch, start, per_epoch, num_workers, counts, train) -> None:
+        self.plans, self.schedule, self.seed = plans, schedule, seed
+        self.epoch, self.start, self.per_epoch = epoch, start, per_epoch
+        self.num_workers, self.counts, self.train = num_workers, counts, train
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        worker = (physical + self.start) % self.num_workers
+        if not self.train:
+            plan = self.plans[0]
+            for epoch, raw in plan.iter_eval(physical):
+                yield plan.builder(raw, epoch, self.seed)
+            return
+        position, streams = [int(c) for c in self.counts[worker]], {}
+        for step in range(self.start + physical, self.per_epoch, self.num_workers):
+            d = self.schedule.at(self.epoch * self.per_epoch + step)
+            if d not in streams:
+                streams[d] = self.plans[d].iter_train(worker, position[d], self.seed)
+            epoch, raw = next(streams[d])
+            yield self.plans[d].builder(raw, epoch, self.seed)
+
+
+def _identity(batch: dict) -> dict:
+    return batch
+
+
+class ResumableLoader:
+    """Iterating gives the rest of the current epoch; `state_dict()` counts batches handed out."""
+
+    def __init__(
+        self,
+        plans: list[DatasetPlan],
+        weights: list[float],
+        *,
+        train: bool,
+        seed: int,
+        num_workers: int,
+        batches_per_epoch: int,
+        dataloader_kwargs: dict,
+    ) -> None:
+        self.plans, self.weights, self.train, self.seed = plans, weights, train, seed
+        self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
+        self.dataloader_kwargs = dataloader_kwargs
+        self.consumed = 0
+
+    @property
+    def _logical_workers(self) -> int:
+        return max(1, self.num_workers)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed // self.batches_per_epoch if self.train else 0
+
+    def _worker_counts(self) -> np.ndarray:
+        return _Schedule(self.weights, self.seed).worker_counts(
+            self.consumed, self.batches_per_epoch, self._logical_workers
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, start = divmod(self.consumed, self.batches_per_epoch) if self.train else (0, 0)
+        view = _EpochView(
+            self.plans,
+            _Schedule(self.weights, self.seed),
+            self.seed,
+            epoch,
+            start,
+            self.batches_per_epoch,
+            self._logical_workers,
+            self._worker_counts(),
+            self.train,
+        )
+        loader = DataLoader(
+            view,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            **self.dataloader_kwargs,
+        )
+        for batch in loader:
+            if self.train:
+                self.consumed += 1
+            yield batch
+
+    def _topology(self) -> dict:
+        p = self.plans[0]
+        return {
+            "world_size": p.world_size,
+            "num_workers": self._logical_workers,
+            "batch_size": p.batch_size,
+            "batches_per_epoch": self.batches_per_epoch,
+        }
+
+    def state_dict(self) -> dict:
+        """Small and equal on every rank: rank 0 may save it for all."""
+        epoch, batch = divmod(self.consumed, self.batches_per_epoch)
+        datasets = [
+            {"name": p.builder.name, "num_samples": p.shards.num_samples, "weight": w}
+            for p, w in zip(self.plans, self.weights)
+        ]
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "consumed_batches": self.consumed,
+            "epoch": epoch,
+            "batch_in_epoch": batch,
+            **self._topology(),
+            "datasets": datasets,
+            "worker_batches": self._worker_counts().tolist(),
+        }
+
+    def load_state_dict(self, state: dict, allow_topology_change: bool = False) -> None:
+        """Continue exactly where `state` was taken; see docs/loader.md for a changed topology."""
+        if not self.train:
+            raise ValueError("an eval loader has no position to restore")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        mine = self.state_dict()["datasets"]
+        theirs = [{k: d[k] for k in ("num_samples", "weight")} for d in state["datasets"]]
+        if theirs != [{k: d[k] for k in ("num_samples", "weight")} for d in mine]:
+            raise ValueError(f"loader state is for datasets {state['datasets']}, this loader reads {mine}")
+        changed = {k: (state[k], v) for k, v in self._topology().items() if state[k] != v}
+        self.seed = int(state["seed"])
+        if not changed:
+            self.consumed = int(state["consumed_batches"])
+            if self._worker_counts().tolist() != state["worker_batches"]:
+                raise ValueError("loader state's per-worker positions do not match its step count")
+            return
+        detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        if not allow_topology_change:
+            raise ValueError(
+                f"loader state was saved with a different topology ({detail}); an exact resume needs "
+                "the same one. Pass allow_topology_change=True to restart at the next epoch."
+            )
+        self.consumed = (int(state["epoch"]) + 1) * self.batches_per_epoch
+        log.warning("loader topology changed (%s): restarting at epoch %d", detail, self.epoch)
