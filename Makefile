@@ -18,9 +18,11 @@ setup: .venv/.done
 	  echo "setup: Open MPI not installed; mpirun tests will skip"; }
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
-	# torch first and pinned, so nothing later can swap it (see docs/install.md)
+	# torch first and pinned, so nothing later can swap it (README: "The two commands")
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -r requirements.txt
+	# the project itself, editable, so launch/ scripts and subprocesses import it from anywhere
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 test: setup
