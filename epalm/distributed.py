@@ -1,0 +1,108 @@
+"""Who am I in the job: rank, local rank and world size from torchrun / deepspeed, Open MPI or SLURM variables.
+
+Pure functions over an environment mapping, plus `init_distributed` (DeepSpeed's, which also does MPI discovery).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    source: str  # "env" (torchrun, deepspeed launcher), "mpi", "slurm" or "single"
+
+
+# Variable names per launcher: (rank, local rank, world size). The first complete set wins.
+_SOURCES = (
+    ("env", ("RANK", "LOCAL_RANK", "WORLD_SIZE")),
+    ("mpi", ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE")),
+    ("slurm", ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")),
+)
+
+
+def get_dist_info(env: Mapping[str, str] | None = None) -> DistInfo:
+    """Rank, local rank and world size from the first launcher whose variables are all set."""
+    env = os.environ if env is None else env
+    for source, names in _SOURCES:
+        if all(name in env for name in names):
+            rank, local_rank, world_size = (int(env[name]) for name in names)
+            return DistInfo(rank, local_rank, world_size, source)
+    if "RANK" in env and "WORLD_SIZE" in env:  # LOCAL_RANK missing: a one-process-per-node launcher
+        return DistInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "env")
+    return DistInfo(0, 0, 1, "single")
+
+
+def get_rank() -> int:
+    return get_dist_info().rank
+
+
+def get_local_rank() -> int:
+    return get_dist_info().local_rank
+
+
+def get_world_size() -> int:
+    return get_dist_info().world_size
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def print0(*args: object, **kwargs: object) -> None:
+    """print on global rank 0 only."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def slurm_env_exports(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """RANK / LOCAL_RANK / WORLD_SIZE to export under `srun` (one task per GPU) when they are missing.
+
+    MASTER_ADDR / MASTER_PORT stay the job script's business (the first host of the nodelist).
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env or "SLURM_PROCID" not in env or "OMPI_COMM_WORLD_RANK" in env:
+        return {}
+    info = get_dist_info({k: env[k] for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS") if k in env})
+    if info.source != "slurm":
+        return {}
+    return {"RANK": str(info.rank), "LOCAL_RANK": str(info.local_rank), "WORLD_SIZE": str(info.world_size)}
+
+
+def init_distributed(timeout_minutes: int | None = None) -> DistInfo:
+    """Join the process group (gloo on CPU, nccl on CUDA) under any supported launcher; idempotent.
+
+    DeepSpeed reads RANK/WORLD_SIZE, or discovers them through mpi4py under mpirun; SLURM's are exported
+    first. A single process without any launcher gets a world of one on a free local port.
+    """
+    import datetime
+
+    import deepspeed
+    import torch.distributed as dist
+
+    os.environ.update(slurm_env_exports())
+    info = get_dist_info()
+    if info.source == "single":
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    if not dist.is_initialized():
+        kwargs = {}
+        if timeout_minutes is not None:
+            kwargs["timeout"] = datetime.timedelta(minutes=timeout_minutes)
+        deepspeed.init_distributed(**kwargs)
+    # MPI discovery sets RANK/LOCAL_RANK/WORLD_SIZE itself; read back what the group says.
+    return DistInfo(dist.get_rank(), get_dist_info().local_rank, dist.get_world_size(), info.source)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,118 @@
+"""What the training loop measures and where it goes: loss, lr, throughput, data wait and peak memory,
+into TensorBoard, a JSONL file and a tqdm bar (rank 0)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class Window:
+    """Sums since the last log line, on this rank; `reduce` combines the ranks (collective)."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    tokens: int = 0
+    samples: int = 0
+    steps: int = 0
+    time: float = 0.0
+    data_wait: float = 0.0
+
+    def add(self, loss: torch.Tensor, tokens: int, samples: int) -> None:
+        self.losses.append(loss)  # kept as tensors: no device sync per micro-step
+        self.tokens += tokens
+        self.samples += samples
+
+    def reduce(self, world_size: int) -> dict[str, float]:
+        loss_sum = torch.stack(self.losses).sum().cpu() if self.losses else torch.zeros(())
+        device = self.losses[0].device if self.losses else "cpu"
+        sums = torch.tensor(
+            [float(loss_sum), len(self.losses), self.tokens, self.samples, self.data_wait],
+            dtype=torch.float64,
+        ).to(device)
+        dist.all_reduce(sums)
+        loss, micro, tokens, samples, wait = sums.tolist()
+        elapsed = max(self.time, 1e-9)
+        return {
+            "loss": loss / max(micro, 1),
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "step_time_s": elapsed / max(self.steps, 1),
+            "data_wait_pct": 100.0 * wait / world_size / elapsed,
+            "peak_mem_mb": peak_memory_mb(),
+        }
+
+
+def peak_memory_mb() -> float:
+    """CUDA: the allocator's peak; CPU: the process's max resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def tensor_digest(state: dict[str, torch.Tensor]) -> str:
+    """A digest of a state dict's names and exact bytes (bit-identity checks)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().to("cpu").contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+class MetricWriter:
+    """Rank 0 writes; other ranks hold a do-nothing writer so the loop has no rank checks."""
+
+    def __init__(self, run_dir: Path, main: bool, total_steps: int, start_step: int):
+        self.main = main
+        self.bar = self.tb = self.jsonl = None
+        if not main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.tb = SummaryWriter(str(run_dir / "tb"))
+        self.jsonl = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 (open for the run's lifetime)
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0
+        )
+        self._last_step = start_step
+
+    def advance(self, step: int) -> None:
+        if self.main:
+            self.bar.update(step - self._last_step)
+            self._last_step = step
+
+    def log(self, step: int, metrics: dict[str, float], lrs: dict[str, float]) -> None:
+        if not self.main:
+            return
+        record = {"step": step, **metrics, **lrs}
+        self._write(step, record)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{next(iter(lrs.values()), 0):.2e}")
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        if self.main and metrics:
+            self._write(step, {"step": step, **metrics})
+            self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def _write(self, step: int, record: dict) -> None:
+        record["time"] = time.time()
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if key not in ("step", "time") and isinstance(value, int | float):
+                self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+
+    def close(self) -> None:
+        if self.main:
+            self.bar.close()
+            self.tb.close()
+            self.jsonl.close()

@@ -1,0 +1,65 @@
+"""Train eP-ALM with DeepSpeed. See docs/training.md.
+
+    deepspeed --num_gpus 4 launch/train.py --ds_config ds_configs/zero3.json \
+        --config launch/configs/image/vqa_v2.yaml [--resume auto|PATH] [--precision bf16] [key=value ...]
+
+Also runs under `torchrun --nproc_per_node N`, `mpirun -np N python` and `srun python` (one task per GPU).
+Exit codes: 0 done, 2 bad configuration (nothing trained), 75 stopped by SIGTERM/SIGUSR1 after a
+checkpoint (requeue and start again with --resume auto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+EXIT_CONFIG = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="run config YAML (launch/configs/...)")
+    p.add_argument(
+        "--ds_config", default="ds_configs/zero3.json", help="DeepSpeed JSON: DeepSpeed knobs only"
+    )
+    p.add_argument("--resume", default=None, help="'auto' (latest in run_dir, if any) or a checkpoint path")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="override the JSON's bf16/fp16")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=100")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:  # the deepspeed launcher passes it; the environment is authoritative
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+    from epalm.config import ConfigError, load_config
+    from epalm.distributed import get_dist_info, init_distributed
+    from epalm.engine import load_ds_config
+    from epalm.trainer import prepare, run
+
+    rank = get_dist_info().rank
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+    )
+    try:
+        cfg = load_config(args.config, args.overrides)
+        ds_base = load_ds_config(args.ds_config)
+        info = init_distributed()
+        prep = prepare(cfg, ds_base, info, args.resume, args.precision)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    return run(prep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
