@@ -1,0 +1,112 @@
+"""Answer a question about (or caption) one image, video or audio file with a trained adapter:
+
+    python -m epalm.generate --adapter DIR --image cat.jpg [--question "what is this?"]
+    python -m epalm.generate --adapter DIR --video clip.mp4 --question "what happens?"
+    python -m epalm.generate --adapter DIR --audio sound.wav
+
+Media go through the same code as shard building and evaluation, so the model sees what it saw in eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from epalm.config import Config
+
+
+def load_media(
+    cfg: Config, image: Path | None = None, video: Path | None = None, audio: Path | None = None
+) -> torch.Tensor:
+    """A batch of one: image (1, 3, S, S), video (1, T, 3, S, S) or audio fbank (1, 1024, 128).
+
+    Images and frames are first stored as the shard builder stores them (shorter side resized, JPEG),
+    then given the eval transform; video frames are the centres of `data.num_frames` equal segments (PyAV).
+    """
+    from data_shards.media import audio_fbank, encode_image, extract_frames
+    from epalm.data.collate import decode_image
+    from epalm.data.transforms import AudioTransform, ImageTransform
+
+    size = cfg.data.image_size
+    if audio is not None:
+        return AudioTransform(train=False)(torch.from_numpy(audio_fbank(audio).astype("float32")))[None]
+    transform = ImageTransform(size, train=False, normalization=cfg.data.normalization)
+    if image is not None:
+        return transform(decode_image(encode_image(image, size)))[None]
+    frames = extract_frames(video, cfg.data.num_frames, size)
+    return transform(torch.stack([decode_image(f) for f in frames]))[None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m epalm.generate", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--adapter", required=True, type=Path, help="adapter export dir (adapter.safetensors + config.yaml)"
+    )
+    media = p.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", type=Path)
+    media.add_argument("--video", type=Path)
+    media.add_argument("--audio", type=Path, help="any file soundfile reads (wav, flac); resampled to 16 kHz")
+    p.add_argument("--question", help="ask this (QA); without it the model captions")
+    p.add_argument("--num-beams", type=int, help="default: the config's eval.num_beams")
+    p.add_argument("--max-new-tokens", type=int, help="default: the config's eval.max_new_tokens")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = p.parse_args(argv)
+
+    from data_shards.media import SkipSample
+    from epalm.data.text import format_caption, format_qa, tokenize
+    from epalm.evaluate import ENCODER_MODALITY, load_eval_model
+    from epalm.generation import decode_generated, generate
+
+    path = args.image or args.video or args.audio
+    if not path.is_file():
+        print(f"error: {path}: no such file", file=sys.stderr)
+        return 2
+    model, tokenizer, cfg = load_eval_model(args.adapter, args.overrides, args.device)
+    if model.encoder is None:
+        print(
+            "error: this adapter was trained on cached features; set data.use_features=false", file=sys.stderr
+        )
+        return 2
+    given = "image" if args.image else "video" if args.video else "audio"
+    expected = ENCODER_MODALITY[cfg.model.encoder.kind]
+    if given != expected:
+        print(
+            f"error: this adapter's encoder ({cfg.model.encoder.kind}) takes {expected}, not {given}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        pixels = load_media(cfg, args.image, args.video, args.audio)
+    except SkipSample as e:
+        print(f"error: {path}: {e}", file=sys.stderr)
+        return 2
+    eos = tokenizer.eos_token
+    text = (
+        format_qa(args.question, None, eos, cfg.model.double_question_mark)
+        if args.question
+        else format_caption(None, eos)
+    )
+    input_ids, attention_mask = tokenize(tokenizer, [text], padding_side="left")
+    tokens = generate(
+        model,
+        input_ids.to(args.device),
+        attention_mask.to(args.device),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        media=pixels.to(args.device),
+        num_beams=args.num_beams or cfg.eval.num_beams,
+        max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens,
+        use_cache=cfg.eval.use_cache,
+    )
+    print(decode_generated(tokenizer, tokens)[0])
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
