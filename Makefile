@@ -7,6 +7,8 @@ export TRANSFORMERS_OFFLINE := 1
 export PYTHONWARNINGS := ignore::FutureWarning
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
+# one thread per process: tests and the demo start several ranks on 2 cores, and oversubscription is ~10x slower
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: setup test test-fast lint bench demo clean
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, OPTForCausalLM
+from transformers.utils import ModelOutput
 
 from epalm.config import ModelConfig
 from epalm.data.text import IGNORE_INDEX
@@ -24,9 +25,11 @@ TRAINABLE_MODULES = ("connector", "prompt")
 
 
 @dataclass
-class EPALMOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor  # (B, T, V), text positions only
+class EPALMOutput(ModelOutput):
+    """A ModelOutput (dict-like) so ZeRO-3's hooks can see the tensors it holds."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, T, V), text positions only
 
 
 class EPALM(nn.Module):
