@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from epalm.metrics.caption import score_captions, spice_status
-from epalm.metrics.vqa import MetricsInputError, load_json
+from epalm.metrics.vqa import load_json
+from eval import run_scorer
 
 
 @contextlib.contextmanager
@@ -43,18 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         available, reason = spice_status()
         if not available:
             print(reason, file=sys.stderr)
-    try:
+
+    def compute() -> dict:
         predictions, references = load_json(args.predictions), load_json(args.references)
         with _stdout_to_stderr():
-            scores = score_captions(predictions, references, spice=False if args.no_spice else None)
-    except MetricsInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    text = json.dumps(scores, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+            return score_captions(predictions, references, spice=False if args.no_spice else None)
+
+    return run_scorer(compute, args.out)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,12 @@ Prints {"accuracy" (percent, 2 decimals), "num_questions"} as JSON on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from epalm.metrics.qa import score_qa
-from epalm.metrics.vqa import MetricsInputError, load_json
+from epalm.metrics.vqa import load_json
+from eval import run_scorer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,16 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help="also write the scores JSON here")
     args = parser.parse_args(argv)
-    try:
-        scores = score_qa(load_json(args.predictions), load_json(args.references))
-    except MetricsInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    text = json.dumps(scores, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    return run_scorer(lambda: score_qa(load_json(args.predictions), load_json(args.references)), args.out)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ Prints {"overall", "perQuestionType", "perAnswerType"} (percent, 2 decimals) as 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from epalm.metrics.vqa import MetricsInputError, load_json, score_vqa
+from epalm.metrics.vqa import load_json, score_vqa
+from eval import run_scorer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,22 +31,16 @@ def main(argv: list[str] | None = None) -> int:
         help="official: GT-Vision-Lab/VQA master; legacy: the older vqaEval.py eP-ALM's own evaluator copied",
     )
     args = parser.parse_args(argv)
-    try:
-        scores = score_vqa(
+    return run_scorer(
+        lambda: score_vqa(
             load_json(args.predictions),
             load_json(args.questions),
             load_json(args.annotations),
             restrict_to_results=args.subset,
             rules=args.rules,
-        )
-    except MetricsInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    text = json.dumps(scores, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+        ),
+        args.out,
+    )
 
 
 if __name__ == "__main__":
