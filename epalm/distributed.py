@@ -92,7 +92,8 @@ def init_distributed(timeout_minutes: int | None = None) -> DistInfo:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     if not dist.is_initialized():
-        kwargs = {}
+        # DeepSpeed's MPI discovery would otherwise pin 29500, so two mpirun jobs on one host collide
+        kwargs = {"distributed_port": int(os.environ.get("MASTER_PORT", 29500))}
         if timeout_minutes is not None:
             kwargs["timeout"] = datetime.timedelta(minutes=timeout_minutes)
         deepspeed.init_distributed(**kwargs)
