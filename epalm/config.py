@@ -126,6 +126,9 @@ class EvalConfig:
     max_new_tokens: int = 30
     use_cache: bool = True
     batch_size: int = 64
+    # in-training evaluation generates on the first max_samples val samples (split over the ranks), which
+    # keeps it bounded on large val splits (COCO val: 5000 images x beam search)
+    max_samples: int | None = 5000
 
 
 @dataclass(frozen=True)

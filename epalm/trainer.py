@@ -1,4 +1,5 @@
 """The one training loop: step-based, with logging, validation loss, checkpoints, exact resume and signal handling.
+Generation metrics, the best adapter and the final test evaluation live in `epalm.train_eval`.
 
 `prepare` checks everything that can be checked before a model is built; `Trainer.fit` runs the steps.
 A SIGTERM or SIGUSR1 on any rank stops every rank after the current step with a checkpoint and EXIT_REQUEUE.
@@ -34,6 +35,7 @@ from epalm.engine import (
     full_frozen_digest,
     gather_adapter_state,
 )
+from epalm.train_eval import GenerationEval, build_generation_eval, final_outputs
 from epalm.train_metrics import MetricWriter, Window, tensor_digest
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class Prepared:
     resume_from: Path | None
     run_dir: Path
     eval_hooks: list[EvalHook] = field(default_factory=list)
+    final_eval: GenerationEval | None = None  # also the generation hook in eval_hooks, when data.val is set
 
 
 def prepare(
@@ -92,13 +95,17 @@ def prepare(
             if cfg.data.val
             else []
         )
+        generation = build_generation_eval(cfg, tokenizer, info)
     except (OSError, ValueError) as e:
         raise ConfigError([f"data: {e}"]) from e
     accum = ds_config["gradient_accumulation_steps"]
     total = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(loader) / accum)
     run_dir = Path(cfg.run_dir)
     resume_from = _resume_path(resume, run_dir)
-    return Prepared(cfg, info, ds_config, loader, val_loaders, tokenizer, total, resume_from, run_dir)
+    hooks = [generation] if generation is not None and generation.val is not None else []
+    return Prepared(
+        cfg, info, ds_config, loader, val_loaders, tokenizer, total, resume_from, run_dir, hooks, generation
+    )
 
 
 def _spec(cfg: Config, path: str, weight: float, fingerprint: dict | None) -> DatasetSpec:
@@ -166,6 +173,8 @@ class Trainer:
                 )
             p.loader.load_state_dict(state["loader"])
             self.step = self._saved_step = int(state["step"])
+            for hook in self._stateful_hooks():  # e.g. the best value so far, so `best/` keeps its meaning
+                hook.load_state_dict(state.get("eval_state", {}).get(hook.name), self.step, p.run_dir)
             # the optimizer's param groups must carry the restored scheduler's lr, whatever restored them
             for group, lr in zip(self.eng.engine.optimizer.param_groups, self.eng.scheduler.get_last_lr()):
                 group["lr"] = lr
@@ -201,6 +210,7 @@ class Trainer:
                     self.save()
             self.save()
             self._finish(stopped=False)
+            final_outputs(self)  # the test split (captioning runs), then report.md
             return 0
         finally:
             for s, handler in previous.items():
@@ -292,6 +302,9 @@ class Trainer:
         self.metrics.log_eval(self.step, metrics)
         return metrics
 
+    def _stateful_hooks(self) -> list:
+        return [h for h in self.eval_hooks if hasattr(h, "state_dict")]
+
     def save(self) -> Path:
         if self.step == self._saved_step:  # nothing changed since (a signal right after a save or resume)
             return self.ckpt_root / ckpt.tag_for(self.step)
@@ -304,6 +317,7 @@ class Trainer:
             "frozen_checksum": checksum,
             "world_size": self.world,
             "total_steps": self.prep.total_steps,
+            "eval_state": {h.name: h.state_dict() for h in self._stateful_hooks()},
         }
         self._saved_step = self.step
         return ckpt.save_training_state(
