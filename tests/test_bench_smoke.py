@@ -1,0 +1,126 @@
+"""Fast checks of the training benchmarks' pure parts: the FLOP model (against real parameter counts on the meta
+device), the resident-bytes count and the ZeRO table, and the GPU check script's CPU dry run."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import features, zero
+from bench._launch import bench_env, machine_load, model_tree, proc_status_kib
+from epalm.config import EncoderConfig, LMConfig
+from epalm.model.encoders import build_encoder
+from epalm.model.language_model import build_language_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _count(module: torch.nn.Module, skip: tuple[str, ...]) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if not any(s in n for s in skip))
+
+
+@pytest.mark.parametrize("size", ["125m", "2.7b", "6.7b"])
+def test_opt_params_match_the_built_architecture(size):
+    lm = build_language_model(LMConfig(name=size, pretrained=False), device="meta")
+    assert features.opt_params(*features.OPT[size]) == _count(lm, ("embed_positions",))
+
+
+@pytest.mark.parametrize(
+    "name, depth, dim", [("vit_base_patch16_224", 12, 768), ("vit_large_patch16_224", 24, 1024)]
+)
+def test_vit_params_match_timm(name, depth, dim):
+    enc = build_encoder(EncoderConfig(name=name, pretrained=False), device="meta")
+    assert features.vit_params(depth, dim) == _count(enc, ("pos_embed",))
+
+
+def test_timesformer_params_match_transformers():
+    enc = build_encoder(EncoderConfig(kind="timesformer", name="x", pretrained=False), device="meta")
+    assert features.timesformer_params() == _count(enc, ("position_embeddings", "time_embeddings"))
+
+
+def test_flop_model_by_hand():
+    assert features.lm_train_flops(10, 4) == 160
+    # ViT: 2 N n + depth * 4 n^2 d, n = 197
+    assert features.vit_forward_flops(100, depth=2, dim=8) == 2 * 100 * 197 + 2 * 4 * 197**2 * 8
+    # TimeSformer, 2 frames: 393 tokens; spatial 2 x 197^2, temporal 196 x 2^2 per layer
+    got = features.timesformer_forward_flops(100, depth=1, dim=8, frames=2)
+    assert got == 2 * 100 * 393 + 4 * 8 * (2 * 197**2 + 196 * 4)
+    assert features.cache_speedup(3.0, 1.0) == pytest.approx(4 / 3)
+
+
+def test_paper_estimates_say_when_the_cache_pays():
+    by_name = {e.name: e for e in features.paper_estimates()}
+    image = by_name["OPT-6.7b + ViT-L/16 (224)"]
+    video = by_name["OPT-2.7b + TimeSformer-B, 16 frames"]
+    # 4 x 6.65e9 x 40 tokens; ViT-L forward ~ 2 x 303M x 197 (+3% attention)
+    assert image.lm_flops == pytest.approx(4 * 6_650_077_184 * 40)
+    assert image.encoder_flops == pytest.approx(2 * 303_099_904 * 197, rel=0.04)
+    assert 1.05 < image.speedup < 1.2
+    assert 2.5 < video.speedup < 3.2  # 3137 encoder tokens against 40 text tokens
+    assert features.estimate("2.7b", "timesformer_b", frames=8).speedup < video.speedup
+
+
+def test_frozen_resident_bytes_counts_shards_and_tied_weights_once():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4, dtype=torch.bfloat16)
+            self.head = torch.nn.Linear(4, 10, bias=False, dtype=torch.bfloat16)
+            self.head.weight = self.emb.weight  # tied, listed once
+            self.frozen = torch.nn.Parameter(torch.zeros(6), requires_grad=False)
+            self.frozen.ds_tensor = torch.zeros(3)  # a ZeRO-3 partition: only the shard counts
+            self.adapter = torch.nn.Linear(4, 4)
+
+        def trainable_named_parameters(self):
+            return list(self.adapter.named_parameters())
+
+    assert zero.frozen_resident_bytes(Tiny()) == 10 * 4 * 2 + 3 * 4
+
+
+def test_zero_table_ratios():
+    def ranks(step, peak, frozen):
+        r = dict(
+            step_s=step, peak_rss_steps=peak, frozen_bytes=frozen, peak_rss_lifetime=peak, rss_before=peak
+        )
+        return [r, dict(r, step_s=step / 2)]
+
+    text = zero.table({0: ranks(1.0, 2**30, 2**28), 3: ranks(4.0, 2**29, 2**27)})
+    row3 = next(line for line in text.splitlines() if line.startswith("| 3 |"))
+    assert "| 4.000 | 4.00x | 512 | 0.50x | 128 | 0.50x |" in row3
+
+
+def test_helpers():
+    assert bench_env()["OMP_NUM_THREADS"] == "1"
+    assert "load" in machine_load()
+    assert model_tree()["model"]["lm"]["name"] == "125m"
+    if Path("/proc/self/status").exists():
+        assert proc_status_kib("VmRSS") > 0
+    assert math.isfinite(features.H100_BF16_PEAK)
+
+
+def test_gpu_script_parses():
+    assert subprocess.run(["bash", "-n", str(ROOT / "tests" / "gpu" / "run.sh")]).returncode == 0
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """The GPU check's python part, on CPU with a tiny model through the same engine path."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "gpu" / "check_train.py"),
+        "--dry-run-cpu",
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=bench_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    result = json.loads((tmp_path / "gpu_train.json").read_text())
+    assert result["steps"] >= 2 and result["samples_per_s"] > 0 and 0 < result["mfu"] < 1
+    assert result["zero_stage"] == 3
