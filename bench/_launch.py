@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from epalm.distributed import cpu_child_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -29,26 +30,7 @@ def model_tree(encoder: dict | None = None, prompt_tokens: int = 10) -> dict:
 
 def bench_env(**extra: str) -> dict[str, str]:
     """The project's CPU environment for a child process: offline, cpu accelerator, one thread."""
-    env = dict(os.environ)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "EPALM_FAULT"):
-        env.pop(k, None)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        DS_ACCELERATOR=env.get("DS_ACCELERATOR") or "cpu",
-        PYTHONWARNINGS="ignore::FutureWarning",
-        TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR") or str(ROOT / ".cache" / "torch_extensions"),
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT),
-    )
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return cpu_child_env(**extra)
 
 
 def torchrun_module(module: str, args: list[str], nproc: int = 2, timeout: int = 240) -> list[dict]:

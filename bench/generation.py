@@ -44,12 +44,18 @@ def main() -> str:
     mask = torch.ones_like(ids)
     states = torch.randn(BATCH, 6, 768)
     # eos never emitted by chance in practice: every run decodes all NEW_TOKENS steps
-    kw = dict(encoder_states=states, eos_token_id=-1, pad_token_id=1, num_beams=BEAMS, max_new_tokens=NEW_TOKENS)
+    kw = dict(
+        encoder_states=states, eos_token_id=-1, pad_token_id=1, num_beams=BEAMS, max_new_tokens=NEW_TOKENS
+    )
     cached = _time(lambda: generate(model, ids, mask, use_cache=True, **kw))
     uncached = _time(lambda: generate(model, ids, mask, use_cache=False, **kw))
-    hf_kw = dict(max_new_tokens=NEW_TOKENS, num_beams=BEAMS, do_sample=False, min_new_tokens=NEW_TOKENS, pad_token_id=1)
+    hf_kw = dict(
+        max_new_tokens=NEW_TOKENS, num_beams=BEAMS, do_sample=False, min_new_tokens=NEW_TOKENS, pad_token_id=1
+    )
     hf_cached = _time(lambda: model.lm.generate(input_ids=ids, attention_mask=mask, use_cache=True, **hf_kw))
-    hf_uncached = _time(lambda: model.lm.generate(input_ids=ids, attention_mask=mask, use_cache=False, **hf_kw))
+    hf_uncached = _time(
+        lambda: model.lm.generate(input_ids=ids, attention_mask=mask, use_cache=False, **hf_kw)
+    )
     threads = torch.get_num_threads()
     return f"""## Generation: KV cache
 

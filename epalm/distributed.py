@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def init_distributed(timeout_minutes: int | None = None) -> DistInfo:
     info = get_dist_info()
     if info.source == "single":
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     if not dist.is_initialized():
         # DeepSpeed's MPI discovery would otherwise pin 29500, so two mpirun jobs on one host collide
@@ -101,9 +102,35 @@ def init_distributed(timeout_minutes: int | None = None) -> DistInfo:
     return DistInfo(dist.get_rank(), get_dist_info().local_rank, dist.get_world_size(), info.source)
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (for a rendezvous started next)."""
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "EPALM_FAULT")
+
+
+def cpu_child_env(**extra: str) -> dict[str, str]:
+    """The environment for launching ranks as child processes on a CPU host (tests, benchmarks, the demo).
+
+    Offline hub, DeepSpeed's CPU accelerator, one thread per process (several ranks share few cores),
+    this checkout and its venv first on the paths, and no rank variables leaked from a parent job.
+    """
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(root / ".cache" / "torch_extensions"))
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONWARNINGS="ignore::FutureWarning",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(root),
+        PATH=f"{root / '.venv' / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
+    )
+    env.update(extra)
+    return env

@@ -19,15 +19,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from epalm.distributed import cpu_child_env, free_port  # noqa: F401  (free_port: used by the tests)
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
 DAEMONS = ("slurmctld", "slurmd", "munged")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def install_slurm() -> str | None:
@@ -246,21 +242,7 @@ def _reap(pid: int) -> None:
 
 def train_env(**extra: str) -> dict[str, str]:
     """The environment a CPU training job needs (one thread per rank on this small machine)."""
-    env = dict(os.environ)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "EPALM_FAULT"):
-        env.pop(k, None)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        DS_ACCELERATOR="cpu",
-        PYTHONWARNINGS="ignore::FutureWarning",
-        TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"),
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT),
-        PATH=f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}",
-    )
-    env.update(extra)
-    return env
+    return cpu_child_env(**extra)
 
 
 @functools.cache

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from epalm.distributed import cpu_child_env, free_port
 from tests.conftest import tiny_tree
 from tests.shard_fixtures import write_dataset
 
@@ -62,28 +62,7 @@ def write_setup(tmp: Path, **train) -> Path:
 
 
 def env(**extra: str) -> dict:
-    e = dict(os.environ)
-    e.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        DS_ACCELERATOR="cpu",
-        PYTHONWARNINGS="ignore::FutureWarning",
-        TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"),
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT),
-    )
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "EPALM_FAULT"):
-        e.pop(k, None)
-    e.update(extra)
-    return e
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return cpu_child_env(**extra)
 
 
 def launch(
