@@ -102,6 +102,19 @@ def init_distributed(timeout_minutes: int | None = None) -> DistInfo:
     return DistInfo(dist.get_rank(), get_dist_info().local_rank, dist.get_world_size(), info.source)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly after a normal end: wait for every rank, then destroy the group.
+
+    Exiting with a live gloo group lets its destructor run while peers are already gone, which can abort
+    the process (SIGABRT) after all the work is done.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on `host` right now (for a rendezvous started next)."""
     import socket

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from epalm.data.loader import DatasetSpec, build_eval_loader
 from epalm.data.stream import load_manifest
-from epalm.distributed import get_dist_info
+from epalm.distributed import get_dist_info, shutdown_distributed
 from epalm.evaluate import (
     ENCODER_MODALITY,
     MEDIA_ID,
@@ -170,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     predictions = gather_predictions(records, expected=settings["num_samples"])
     code = report(args, predictions, settings) if info.rank == 0 else 0
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown_distributed()
     return code
 
 

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
     from epalm.config import ConfigError, load_config
-    from epalm.distributed import get_dist_info, init_distributed
+    from epalm.distributed import get_dist_info, init_distributed, shutdown_distributed
     from epalm.engine import load_ds_config
     from epalm.trainer import prepare, run
 
@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
-    return run(prep)
+    code = run(prep)  # a normal end or a signal stop (every rank stops at the same step)
+    shutdown_distributed()
+    return code
 
 
 if __name__ == "__main__":
