@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from epalm.data.loader import DatasetSpec, build_eval_loader
 from epalm.data.stream import load_manifest
-from epalm.distributed import get_dist_info, shutdown_distributed
+from epalm.distributed import exit_process, get_dist_info, shutdown_distributed
 from epalm.evaluate import (
     ENCODER_MODALITY,
     MEDIA_ID,
@@ -176,4 +176,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    exit_process(main())

@@ -182,4 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from epalm.distributed import exit_process, shutdown_distributed
+
+    code = main()
+    shutdown_distributed()
+    exit_process(code)
