@@ -34,7 +34,6 @@ OWNED_KEYS = {
     "gradient_clipping": "train.gradient_clipping",
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _CONFIG_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -200,7 +199,7 @@ def build_engine(cfg: Config, ds_config: dict, total_steps: int, with_encoder: b
     by deepspeed.initialize.
     """
     precision = precision_of(ds_config)
-    dtype = _TORCH_DTYPES[precision]
+    dtype = getattr(torch, _CONFIG_DTYPES[precision])
     stage = zero_stage(ds_config)
     hf_ds = None
     if stage == 3:

@@ -84,12 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, args.overrides)
     model = build_model(cfg.model, device="meta")
     state = load_official_checkpoint(args.checkpoint)
-    own = dict(model.trainable_named_parameters())
-    problems = sorted(set(own) ^ set(state)) + [
-        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
+    problems = model.adapter_state_problems(state)
     if problems:
         raise SystemExit(f"checkpoint does not match {args.config}: {problems}")
     save_adapter(state, cfg, args.out)

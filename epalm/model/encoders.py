@@ -12,8 +12,6 @@ from torch import nn
 
 from epalm.config import EncoderConfig
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 class FrozenEncoder(nn.Module):
     """Shared behaviour: frozen, always in eval mode (no dropout / stochastic depth), no autograd graph."""
@@ -79,7 +77,7 @@ class HFEncoder(FrozenEncoder):
 
 def build_encoder(cfg: EncoderConfig, device: str | torch.device | None = None) -> FrozenEncoder:
     """Build the frozen encoder from a timm name / HF id / local path; random weights if not pretrained."""
-    dtype = DTYPES[cfg.dtype]
+    dtype = getattr(torch, cfg.dtype)  # config names are torch dtype names
     with torch.device(device or "cpu"):
         if cfg.kind == "vit":
             model = _build_timm_vit(cfg, load=device != "meta")

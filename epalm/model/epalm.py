@@ -87,8 +87,9 @@ class EPALM(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.trainable_named_parameters()}
 
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load adapter weights; every key must match a trainable tensor of the same shape."""
+    def adapter_state_problems(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Why `state` cannot be this model's adapter: missing, unexpected or mis-shaped keys (shapes only,
+        so it also works on a model built on the meta device)."""
         own = dict(self.trainable_named_parameters())
         problems = [f"missing {k}" for k in own if k not in state]
         problems += [f"unexpected {k}" for k in state if k not in own]
@@ -97,6 +98,12 @@ class EPALM(nn.Module):
             for k, v in state.items()
             if k in own and tuple(v.shape) != tuple(own[k].shape)
         ]
+        return problems
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load adapter weights; every key must match a trainable tensor of the same shape."""
+        own = dict(self.trainable_named_parameters())
+        problems = self.adapter_state_problems(state)
         if problems:
             raise ValueError("adapter state does not fit this model: " + "; ".join(problems))
         with torch.no_grad():

@@ -39,8 +39,6 @@ OPT_ARCHITECTURES: dict[str, dict] = {
     "6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384),
 }
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def _arch_key(name: str) -> str | None:
     key = name.removeprefix("facebook/").removeprefix("opt-")
@@ -70,7 +68,7 @@ def build_language_model(cfg: LMConfig, device: str | torch.device | None = None
 
     `device="meta"` builds the architecture without allocating memory (parameter counts, describe).
     """
-    dtype = DTYPES[cfg.dtype]
+    dtype = getattr(torch, cfg.dtype)  # config names are torch dtype names
     if cfg.pretrained and device != "meta":
         model = OPTForCausalLM.from_pretrained(
             cfg.name, dtype=dtype, attn_implementation=cfg.attn_implementation, **cfg.config_overrides
