@@ -1,7 +1,9 @@
 """Typed, frozen run configuration: dataclasses built from one YAML file plus `key=value` overrides.
 
-Unknown keys, wrong types and impossible values are all collected and reported in one `ConfigError`.
-Derived numbers (gradient accumulation, per-rank batch) are functions of the config, never stored in it.
+A leaf module (it imports nothing from epalm). Unknown keys, wrong types and impossible values are
+collected in one pass and reported in one `ConfigError`; checks that need more than the config (the
+LM's depth, files on disk) are passed in as `checks` by `epalm.preflight`. Derived numbers (gradient
+accumulation, per-rank batch) are functions of the config, never stored in it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +19,8 @@ from typing import Any, Literal
 import yaml
 
 Dtype = Literal["float32", "float16", "bfloat16"]
+# the input each encoder kind takes (a config with another data.modality cannot run)
+ENCODER_MODALITY = {"vit": "image", "timesformer": "video", "ast": "audio"}
 
 
 class ConfigError(ValueError):
@@ -33,9 +38,11 @@ class LMConfig:
 
     name: str = "facebook/opt-2.7b"  # hub id, local directory, or an architecture key ("125m" ... "6.7b")
     pretrained: bool = True  # False: random weights from the architecture table (tests, describe, benchmarks)
-    dtype: Dtype = "float32"
-    tokenizer: str | None = None  # defaults to `name`
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    dtype: Dtype = "float32"  # weights are cast to it at load time (bf16 for OPT-6.7B on GPUs)
+    tokenizer: str | None = None  # hub id or local directory; defaults to `name`
+    attn_implementation: Literal["sdpa", "eager"] = (
+        "sdpa"  # OPT's attention kernel (FlashAttention-2 unsupported)
+    )
     config_overrides: dict = field(default_factory=dict)  # applied to the OPTConfig (tiny test models)
 
 
@@ -43,24 +50,26 @@ class LMConfig:
 class EncoderConfig:
     """The frozen perception encoder; its last `num_states` blocks give the [CLS] tokens that are injected."""
 
-    kind: Literal["vit", "timesformer", "ast"] = "vit"
+    kind: Literal["vit", "timesformer", "ast"] = (
+        "vit"  # timm ViT (image), HF TimeSformer (video), HF AST (audio)
+    )
     name: str = "vit_base_patch16_224"  # timm model name (vit) or HF hub id / local directory
-    pretrained: bool = True
+    pretrained: bool = True  # False: random weights under a fixed seed (tests, describe, benchmarks)
     checkpoint: str | None = None  # local weights file (timm .safetensors/.npz/.pth read safely)
-    num_states: int = 6
-    dtype: Dtype = "float32"
-    config_overrides: dict = field(default_factory=dict)
+    num_states: int = 6  # how many of the last blocks' [CLS] tokens are injected
+    dtype: Dtype = "float32"  # the frozen encoder's weights and activations
+    config_overrides: dict = field(default_factory=dict)  # timm kwargs / HF config fields (tiny test models)
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
     """The trainable part: linear connection(s) into LM layers [start_layer, end_layer) and the soft prompt."""
 
-    start_layer: int = 19
-    end_layer: int = 31
-    shared_connector: bool = False
-    prompt_tokens: int = 10
-    prompt_mlp: bool = True
+    start_layer: int = 19  # first LM layer that receives an injected token
+    end_layer: int = 31  # one past the last injected LM layer; (end - start) must divide by num_states
+    shared_connector: bool = False  # one Linear for every state instead of one per state
+    prompt_tokens: int = 10  # soft prompt length; 0 disables the prompt
+    prompt_mlp: bool = True  # reparameterise the prompt through an MLP while training
     # "original" lets the injected token attend to every position, later text and padding included
     # (the original code's all-zero mask row); "causal" makes it attend only to itself.
     visual_attention: Literal["causal", "original"] = "causal"
@@ -68,108 +77,146 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    lm: LMConfig = field(default_factory=LMConfig)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    lm_loss_weight: float = 0.1
-    answer_only_loss: bool = False
+    """The whole model: frozen LM and encoder, the trainable adapter, and how the loss is formed."""
+
+    lm: LMConfig = field(default_factory=LMConfig)  # the frozen language model
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # the frozen perception encoder
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)  # what trains
+    lm_loss_weight: float = 0.1  # the original's weight on the summed token loss
+    answer_only_loss: bool = False  # True: loss on answer tokens only; False: on question and answer
     double_question_mark: bool = False  # the original's "...??</a>" quirk
 
 
 @dataclass(frozen=True)
 class DatasetConfig:
+    """One training dataset in a (weighted) mixture."""
+
     path: str  # a shard directory holding manifest.json
-    weight: float = 1.0
+    weight: float = 1.0  # relative sampling weight in the mixture
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    task: Literal["qa", "caption"] = "qa"
-    modality: Literal["image", "video", "audio"] = "image"
-    train: list[DatasetConfig] = field(default_factory=list)
-    val: str | None = None
-    test: str | None = None
-    image_size: int = 224
-    num_frames: int = 8
-    normalization: Literal["clip", "imagenet", "half"] = "clip"
-    use_features: bool = False
-    num_workers: int = 2
+    """What the loader reads and how it turns samples into model inputs."""
+
+    task: Literal["qa", "caption"] = "qa"  # the text format: question -> answer, or caption
+    modality: Literal["image", "video", "audio"] = "image"  # must match model.encoder.kind
+    train: list[DatasetConfig] = field(default_factory=list)  # shard directories, mixed by weight
+    val: str | None = None  # shard directory for validation loss and the in-training metric
+    test: str | None = None  # shard directory scored once after training (captioning runs)
+    image_size: int = 224  # the encoder's input resolution (images and video frames)
+    num_frames: int = 8  # video frames sampled per clip
+    normalization: Literal["clip", "imagenet", "half"] = "clip"  # pixel mean/std (the original used clip)
+    use_features: bool = False  # read pre-computed encoder states instead of media (no encoder built)
+    num_workers: int = 2  # DataLoader worker processes per rank
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation as in the paper's configs (reference §3.2); steps, not epochs, drive the loop."""
+    """Optimisation as in the paper's configs (docs/training.md); steps, not epochs, drive the loop."""
 
-    global_batch_size: int = 256
-    micro_batch_size: int = 64
-    epochs: float = 8
-    max_steps: int | None = None
-    lr: float = 2e-5  # connector
-    prompt_lr: float = 1e-5
-    weight_decay: float = 0.02
-    warmup_steps: int = 400
-    warmup_lr: float = 1e-5
-    min_lr: float = 1e-6
-    gradient_clipping: float = 0.0
-    optimizer: Literal["auto", "apex", "deepspeed", "torch"] = "auto"
-    seed: int = 42
-    log_every: int = 50
-    eval_every: int = 1000
-    save_every: int = 1000
-    keep_last: int = 3
-    init_adapter: str | None = None
+    global_batch_size: int = 256  # samples per optimizer step over all ranks (= micro x accumulation x world)
+    micro_batch_size: int = 64  # samples per forward on one rank
+    epochs: float = 8  # passes over the training mixture (fractions allowed); ignored with max_steps
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    lr: float = 2e-5  # connector peak learning rate
+    prompt_lr: float = 1e-5  # soft prompt peak learning rate (same schedule shape)
+    weight_decay: float = 0.02  # AdamW decoupled weight decay
+    warmup_steps: int = 400  # linear warmup from warmup_lr to lr
+    warmup_lr: float = 1e-5  # learning rate at step 0
+    min_lr: float = 1e-6  # floor of the cosine decay
+    gradient_clipping: float = 0.0  # global grad-norm clip; 0 disables
+    optimizer: Literal["auto", "apex", "deepspeed", "torch"] = (
+        "auto"  # auto: Apex, else DeepSpeed, else torch
+    )
+    seed: int = 42  # data order, random init of random-weight models, dropout
+    log_every: int = 50  # steps between metric lines (console, TensorBoard, metrics.jsonl)
+    eval_every: int = 1000  # steps between validation loss + generation metric; 0 disables
+    save_every: int = 1000  # steps between resumable checkpoints
+    keep_last: int = 3  # resumable checkpoints kept (older ones pruned)
+    init_adapter: str | None = None  # adapter export to start from (e.g. the CC3M pretraining's)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    num_beams: int = 3
-    max_new_tokens: int = 30
-    use_cache: bool = True
-    batch_size: int = 64
+    """Generation for in-training evaluation, eval.run and epalm.generate."""
+
+    num_beams: int = 3  # 1: greedy
+    max_new_tokens: int = 30  # generation stops here or at EOS
+    use_cache: bool = True  # KV cache; False recomputes every step (the original's behaviour)
+    batch_size: int = 64  # eval samples per rank and generate call
     # in-training evaluation generates on the first max_samples val samples (split over the ranks), which
     # keeps it bounded on large val splits (COCO val: 5000 images x beam search)
-    max_samples: int | None = 5000
+    max_samples: int | None = 5000  # cap on in-training generation samples; None: the whole val split
 
 
 @dataclass(frozen=True)
 class Config:
+    """One run: model, data, optimisation, evaluation, and where it writes."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # checkpoints, logs, adapter exports, report.md
 
 
 # --------------------------------------------------------------------------- building
 
+_INVALID = object()  # a value that failed its check: the field keeps its default, so validation can go on
+Check = Callable[[Config, Callable[..., bool]], list[str]]  # (config, ok(*paths)) -> problems
 
-def _check_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+
+class _Report:
+    """Problems found so far and the dotted paths they broke (their checks are skipped in `validate`)."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.broken: set[str] = set()
+
+    def add(self, path: str, problem: str) -> None:
+        self.problems.append(problem)
+        self.broken.add(path)
+
+    def ok(self, *paths: str) -> bool:
+        """True when none of `paths` (or a parent or child of one) had a structural problem."""
+        return not any(
+            b == p or b.startswith(p + ".") or p.startswith(b + ".") or b.startswith(p + "[")
+            for p in paths
+            for b in self.broken
+        )
+
+
+def _check_value(value: Any, tp: Any, path: str, report: _Report) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _check_value(value, inner, path, problems)
+        return _check_value(value, inner, path, report)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            problems.append(f"{path}: {value!r} is not one of {list(choices)}")
+            report.add(path, f"{path}: {value!r} is not one of {list(choices)}")
+            return _INVALID
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
-            return None
-        return _build(tp, value, path, problems)
+            report.add(path, f"{path}: expected a mapping, got {type(value).__name__}")
+            return _INVALID
+        return _build(tp, value, path, report)
     if origin is list:
         if not isinstance(value, list):
-            problems.append(f"{path}: expected a list, got {type(value).__name__}")
-            return []
+            report.add(path, f"{path}: expected a list, got {type(value).__name__}")
+            return _INVALID
         (inner,) = typing.get_args(tp)
-        return [_check_value(v, inner, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        items = [_check_value(v, inner, f"{path}[{i}]", report) for i, v in enumerate(value)]
+        return [v for v in items if v is not _INVALID]
     if tp is dict:
         if not isinstance(value, dict):
-            problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
+            report.add(path, f"{path}: expected a mapping, got {type(value).__name__}")
+            return _INVALID
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -179,32 +226,38 @@ def _check_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         except ValueError:
             pass
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
-        problems.append(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        report.add(path, f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return _INVALID
     return value
 
 
-def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
+def _build(cls: type, data: dict, prefix: str, report: _Report) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            problems.append(f"{prefix}{'.' if prefix else ''}{key}: unknown key (known: {sorted(names)})")
+            path = f"{prefix}{'.' if prefix else ''}{key}"
+            report.add(path, f"{path}: unknown key (known: {sorted(names)})")
     kwargs = {}
+    complete = True
     for f in dataclasses.fields(cls):
         path = f"{prefix}{'.' if prefix else ''}{f.name}"
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if f.name in data:
-            kwargs[f.name] = _check_value(data[f.name], hints[f.name], path, problems)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            problems.append(f"{path}: required")
-    try:
-        return cls(**kwargs)
-    except TypeError:
-        return None  # problems already recorded
+            value = _check_value(data[f.name], hints[f.name], path, report)
+            if value is not _INVALID:
+                kwargs[f.name] = value
+            elif required:
+                complete = False
+        elif required:
+            report.add(path, f"{path}: required")
+            complete = False
+    return cls(**kwargs) if complete else _INVALID
 
 
-def _apply_override(tree: dict, override: str, problems: list[str]) -> None:
+def _apply_override(tree: dict, override: str, report: _Report) -> None:
     if "=" not in override:
-        problems.append(f"override {override!r}: expected key=value")
+        report.add(override, f"override {override!r}: expected key=value")
         return
     key, raw = override.split("=", 1)
     node = tree
@@ -212,27 +265,36 @@ def _apply_override(tree: dict, override: str, problems: list[str]) -> None:
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            problems.append(f"override {override!r}: {part} is not a mapping")
+            report.add(key, f"override {override!r}: {part} is not a mapping")
             return
     node[leaf] = yaml.safe_load(raw) if raw.strip() else None
 
 
-def build_config(tree: dict, overrides: list[str] = (), source: str = "config") -> Config:
-    """Build and validate a Config from a nested mapping; raise ConfigError listing every problem."""
-    problems: list[str] = []
+def build_config(
+    tree: dict, overrides: Sequence[str] = (), source: str = "config", checks: Sequence[Check] = ()
+) -> Config:
+    """Build and validate a Config from a nested mapping; raise ConfigError listing every problem.
+
+    One pass: structural problems (unknown keys, wrong types), `validate`'s cross-field checks on the
+    fields that are sound, and every extra check in `checks` (`epalm.preflight` passes the LM's depth
+    and the filesystem), all in one error.
+    """
+    report = _Report()
     tree = _deep_copy(tree)
     for override in overrides:
-        _apply_override(tree, override, problems)
-    cfg = _build(Config, tree, "", problems)
-    if cfg is not None and not problems:
-        problems += validate(cfg)
-    if problems:
-        raise ConfigError(problems, source)
+        _apply_override(tree, override, report)
+    cfg = _build(Config, tree, "", report)
+    if cfg is _INVALID:  # only a required field below a list can get here; lists drop such items
+        cfg = Config()
+    for check in (validate, *checks):
+        report.problems += check(cfg, report.ok)
+    if report.problems:
+        raise ConfigError(report.problems, source)
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Load a YAML config file plus `key=value` overrides (values parsed as YAML)."""
+def read_config_tree(path: str | Path) -> dict:
+    """The YAML mapping of a config file; ConfigError for a missing file or invalid YAML."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"file not found: {path}"], str(path))
@@ -242,7 +304,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError([f"invalid YAML: {e}"], str(path)) from e
     if not isinstance(tree, dict):
         raise ConfigError(["top level must be a mapping"], str(path))
-    return build_config(tree, overrides, source=str(path))
+    return tree
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = (), checks: Sequence[Check] = ()) -> Config:
+    """Load a YAML config file plus `key=value` overrides (values parsed as YAML)."""
+    return build_config(read_config_tree(path), overrides, source=str(path), checks=checks)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -261,36 +328,39 @@ def _deep_copy(tree: Any) -> Any:
 # --------------------------------------------------------------------------- validation
 
 
-def validate(cfg: Config) -> list[str]:
-    """Checks across fields; each returns a readable problem string."""
-    from epalm.model.injection import schedule_problems
-    from epalm.model.language_model import find_lm_config
-
+def validate(cfg: Config, ok: Callable[..., bool] = lambda *paths: True) -> list[str]:
+    """Checks across fields that need nothing but the config; `ok(*paths)` skips fields already broken."""
     problems = []
     m = cfg.model
     a = m.adapter
-    if a.prompt_tokens < 0:
+    if ok("model.adapter.prompt_tokens") and a.prompt_tokens < 0:
         problems.append(f"model.adapter.prompt_tokens: must be >= 0, got {a.prompt_tokens}")
-    lm_config = find_lm_config(m.lm)
-    num_layers = lm_config.num_hidden_layers if lm_config is not None else None
-    problems += schedule_problems(a.start_layer, a.end_layer, m.encoder.num_states, num_layers)
+    if ok("model.encoder.kind", "data.modality", "data.use_features"):
+        expected = ENCODER_MODALITY[m.encoder.kind]
+        if cfg.data.modality != expected:
+            problems.append(
+                f"data.modality: {cfg.data.modality!r} does not match model.encoder.kind "
+                f"{m.encoder.kind!r}, which takes {expected} input"
+            )
     t = cfg.train
     for name in ("global_batch_size", "micro_batch_size"):
-        if getattr(t, name) <= 0:
+        if ok(f"train.{name}") and getattr(t, name) <= 0:
             problems.append(f"train.{name}: must be positive, got {getattr(t, name)}")
-    if t.micro_batch_size > 0 and t.global_batch_size % t.micro_batch_size:
+    batches_ok = ok("train.global_batch_size", "train.micro_batch_size")
+    if batches_ok and t.micro_batch_size > 0 and t.global_batch_size % t.micro_batch_size:
         problems.append(
             f"train: global_batch_size {t.global_batch_size} is not a multiple of "
             f"micro_batch_size {t.micro_batch_size}"
         )
     for name in ("lr", "prompt_lr", "warmup_lr", "min_lr"):
-        if getattr(t, name) < 0:
+        if ok(f"train.{name}") and getattr(t, name) < 0:
             problems.append(f"train.{name}: must be >= 0")
-    if cfg.eval.num_beams < 1:
+    if ok("eval.num_beams") and cfg.eval.num_beams < 1:
         problems.append(f"eval.num_beams: must be >= 1, got {cfg.eval.num_beams}")
-    for i, d in enumerate(cfg.data.train):
-        if d.weight <= 0:
-            problems.append(f"data.train[{i}].weight: must be positive, got {d.weight}")
+    if ok("data.train"):
+        for i, d in enumerate(cfg.data.train):
+            if d.weight <= 0:
+                problems.append(f"data.train[{i}].weight: must be positive, got {d.weight}")
     return problems
 
 

@@ -10,8 +10,8 @@ import argparse
 
 from torch import nn
 
-from epalm.config import load_config
 from epalm.model.epalm import EPALM, build_model
+from epalm.preflight import load_run_config
 
 
 def _count(module: nn.Module | None) -> int:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides, paths=False)
     model = build_model(cfg.model, device="meta")
     print("\n".join(describe(model, cfg)))
 

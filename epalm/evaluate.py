@@ -34,7 +34,6 @@ TASKS: dict[str, EvalTask] = {
     "audio_caption": EvalTask("caption", ("audio",), "caption"),
 }
 MEDIA_ID = {"image": "image_id", "video": "video_id", "audio": "audio_id"}
-ENCODER_MODALITY = {"vit": "image", "timesformer": "video", "ast": "audio"}
 
 
 def load_eval_model(

@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from data_shards.media import SkipSample
+    from epalm.config import ENCODER_MODALITY
     from epalm.data.text import format_caption, format_qa, tokenize
-    from epalm.evaluate import ENCODER_MODALITY, load_eval_model
+    from epalm.evaluate import load_eval_model
     from epalm.generation import decode_generated, generate
 
     path = args.image or args.video or args.audio

@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from epalm.checkpoint import save_adapter
-    from epalm.config import load_config
     from epalm.model.epalm import build_model
+    from epalm.preflight import load_run_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides, paths=False)
     model = build_model(cfg.model, device="meta")
     state = load_official_checkpoint(args.checkpoint)
     problems = model.adapter_state_problems(state)

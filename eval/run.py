@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from epalm.config import ENCODER_MODALITY
 from epalm.data.loader import DatasetSpec, build_eval_loader
 from epalm.data.stream import load_manifest
 from epalm.distributed import exit_process, get_dist_info, shutdown_distributed
 from epalm.evaluate import (
-    ENCODER_MODALITY,
     MEDIA_ID,
     TASKS,
     build_references,

@@ -39,9 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:  # the deepspeed launcher passes it; the environment is authoritative
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
-    from epalm.config import ConfigError, load_config
+    from epalm.config import ConfigError
     from epalm.distributed import get_dist_info, init_distributed, shutdown_distributed
     from epalm.engine import load_ds_config
+    from epalm.preflight import load_run_config
     from epalm.trainer import prepare, run
 
     rank = get_dist_info().rank
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
     )
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_run_config(args.config, args.overrides)  # every problem at once, files included
         ds_base = load_ds_config(args.ds_config)
         info = init_distributed()
         prep = prepare(cfg, ds_base, info, args.resume, args.precision)

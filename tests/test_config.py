@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from epalm.config import ConfigError, build_config, gradient_accumulation_steps, load_config
+from epalm.preflight import build_run_config
 from tests.conftest import tiny_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ def test_all_problems_reported_at_once():
 )
 def test_impossible_values(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
-        build_config(tiny_tree(), overrides)
+        build_run_config(tiny_tree(), overrides)
 
 
 def test_overrides_parse_yaml_values():
@@ -105,3 +106,48 @@ def test_model_code_imports_no_training_infrastructure():
         for name in names:
             assert not name.startswith(banned), f"{path.name} imports {name}"
         assert "os.environ" not in path.read_text() and "getenv" not in path.read_text(), path.name
+
+
+def test_structural_and_cross_field_and_file_problems_arrive_together(tmp_path):
+    """Six problems of three kinds, one error (issue: they used to come back two at a time)."""
+    tree = tiny_tree()
+    tree["model"]["adapter"]["colour"] = "blue"  # unknown key
+    tree["train"] = {"lr": "fast", "global_batch_size": 10, "micro_batch_size": 4}  # wrong type; no divide
+    tree["model"]["adapter"]["end_layer"] = 9  # past the 6-layer LM
+    tree["model"]["lm"]["tokenizer"] = str(tmp_path / "no_tokenizer")
+    tree["data"] = {"train": [{"path": str(tmp_path / "no_shards")}]}
+    with pytest.raises(ConfigError) as err:
+        build_run_config(tree, paths=True)
+    text = str(err.value)
+    assert "6 problem(s)" in text, text
+    for needle in (
+        "model.adapter.colour: unknown key",
+        "train.lr: expected float",
+        "not a multiple",
+        "past the LM's depth",
+        f"tokenizer directory not found: {tmp_path / 'no_tokenizer'}",
+        f"shard directory not found: {tmp_path / 'no_shards'}",
+    ):
+        assert needle in text
+
+
+def test_a_broken_field_does_not_raise_spurious_cross_field_problems():
+    tree = tiny_tree()
+    tree["train"] = {"global_batch_size": 10, "micro_batch_size": "four"}
+    with pytest.raises(ConfigError) as err:
+        build_config(tree)
+    assert "1 problem(s)" in str(err.value) and "train.micro_batch_size: expected int" in str(err.value)
+
+
+def test_modality_must_match_the_encoder():
+    tree = tiny_tree()
+    tree["data"] = {"modality": "video"}  # a ViT takes images
+    with pytest.raises(ConfigError, match="does not match model.encoder.kind 'vit'"):
+        build_config(tree)
+
+
+def test_missing_local_tokenizer_names_the_directory(tmp_path):
+    from epalm.data.text import build_tokenizer
+
+    with pytest.raises(FileNotFoundError, match="tokenizer directory not found"):
+        build_tokenizer(str(tmp_path / "tok"))

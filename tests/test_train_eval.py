@@ -52,8 +52,22 @@ def test_headline_scales_and_task_choice():
     cfg = build_config({"data": {"task": "qa", "modality": "image"}})
     assert eval_task(cfg, [{"raw_answers": ["a"] * 10}]) == "vqav2"
     assert eval_task(cfg, [{"answers": [{"answer": "a", "score": 1.0}]}]) == "gqa"
-    assert eval_task(build_config({"data": {"task": "qa", "modality": "video"}})) == "video_qa"
-    assert eval_task(build_config({"data": {"task": "caption", "modality": "audio"}})) == "audio_caption"
+    assert (
+        eval_task(
+            build_config(
+                {"data": {"task": "qa", "modality": "video"}, "model": {"encoder": {"kind": "timesformer"}}}
+            )
+        )
+        == "video_qa"
+    )
+    assert (
+        eval_task(
+            build_config(
+                {"data": {"task": "caption", "modality": "audio"}, "model": {"encoder": {"kind": "ast"}}}
+            )
+        )
+        == "audio_caption"
+    )
 
 
 def _stub_trainer(run_dir: Path, step: int) -> SimpleNamespace:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from epalm.locations import looks_local
+
 ANSWER_TOKEN = "</a>"
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # torch's cross_entropy ignore_index default (the model's loss skips these labels)
 
 
 def build_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -15,6 +19,9 @@ def build_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     As in the original, `</a>` is an extra special token whose id falls inside OPT's padded
     embedding matrix (50265 < 50272), so the embedding is never resized.
     """
+    if looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        # from_pretrained would say "Repo id must be in the form 'repo_name'...", which hides the cause
+        raise FileNotFoundError(f"tokenizer directory not found: {name_or_path}")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     tokenizer.add_special_tokens({"additional_special_tokens": [ANSWER_TOKEN]})
     if tokenizer.pad_token is None:

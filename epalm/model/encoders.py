@@ -7,10 +7,13 @@ Input shapes: image (B, 3, H, W); video (B, T, 3, H, W); audio fbank (B, 1024, 1
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from epalm.config import EncoderConfig
+if TYPE_CHECKING:
+    from epalm.config import EncoderConfig
 
 
 class FrozenEncoder(nn.Module):

@@ -6,6 +6,7 @@ The trainable set is declared once (`TRAINABLE_MODULES`) and feeds the optimizer
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,15 +14,18 @@ from torch import nn
 from transformers import DynamicCache, OPTForCausalLM
 from transformers.utils import ModelOutput
 
-from epalm.config import ModelConfig
-from epalm.data.text import IGNORE_INDEX
 from epalm.model.connector import Connector
 from epalm.model.encoders import FrozenEncoder, build_encoder
 from epalm.model.injection import injected_forward, layer_to_state, schedule_problems
 from epalm.model.language_model import build_language_model
 from epalm.model.soft_prompt import SoftPrompt
 
+if TYPE_CHECKING:
+    from epalm.config import ModelConfig
+
 TRAINABLE_MODULES = ("connector", "prompt")
+
+IGNORE_INDEX = -100  # labels the loss skips: torch's cross_entropy default, what epalm.data.text writes
 
 
 @dataclass

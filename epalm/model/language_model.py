@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
-from epalm.config import LMConfig
+if TYPE_CHECKING:
+    from epalm.config import LMConfig
+
 
 # The published facebook/opt-* architectures (their config.json), so a model can be built offline.
 _OPT_COMMON = dict(
