@@ -10,7 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from epalm.distributed import cpu_child_env, free_port
+from epalm.distributed import free_port
+from tests.support import cpu_child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"

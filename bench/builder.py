@@ -36,7 +36,7 @@ def make_images(root: Path, n: int = NUM_IMAGES) -> list[str]:
 
 def time_encode(root: Path, names: list[str], draft: bool) -> float:
     """Images/s of decode + resize + JPEG encode alone, in this process."""
-    from data_shards import media
+    from epalm.data import media
 
     paths = [root / n for n in names]
     start = time.perf_counter()

@@ -45,7 +45,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from epalm.config import build_config
     from epalm.distributed import init_distributed
-    from epalm.engine import build_ds_config, build_engine, load_ds_config
+    from epalm.ds_config import build_ds_config, load_ds_config
+    from epalm.engine import build_engine
 
     info = init_distributed()
     tree = model_tree()
@@ -60,7 +61,7 @@ def worker(args: argparse.Namespace) -> None:
     base = load_ds_config(ROOT / "ds_configs" / f"zero{args.stage}.json")
     ds_config = build_ds_config(base, cfg.train, info.world_size, "bf16")
     eng = build_engine(cfg, ds_config, total_steps=args.warmup + args.steps, with_encoder=False)
-    engine = eng.engine
+    engine = eng.ds_engine
     engine.train()
     g = torch.Generator().manual_seed(1 + info.rank)
     ids = torch.randint(4, 50000, (args.micro, args.tokens), generator=g)

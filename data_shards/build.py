@@ -16,6 +16,7 @@ from pathlib import Path
 
 from data_shards import writer
 from data_shards.sources import SOURCES, AnnotationError
+from epalm import atomic
 from epalm.data import schema
 
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
-    writer.write_json_atomic(args.out / schema.MANIFEST, manifest)
+    atomic.write_json_atomic(args.out / schema.MANIFEST, manifest)
     return 0
 
 

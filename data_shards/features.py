@@ -31,23 +31,14 @@ def encoder_config(spec: str, layers: int | None):
     return enc, data
 
 
-def _build(enc):
-    """Build under a fixed seed, so an encoder with random weights (pretrained: false) is the same everywhere."""
-    import torch
-
-    from epalm.model.encoders import build_encoder
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build_encoder(enc)
-
-
 def make_spec(spec: str, layers: int | None, modality: str, image_size: int, num_frames: int) -> dict:
     """Build the encoder once here to hash its weights; the picklable spec lets each worker rebuild it."""
     enc, data = encoder_config(spec, layers)
     normalization = data.normalization if data is not None else "clip"
     input_size = data.image_size if data is not None else image_size
-    encoder = _build(enc)
+    from epalm.model.encoders import build_reference_encoder
+
+    encoder = build_reference_encoder(enc)
     fp = schema.encoder_fingerprint(
         enc, encoder.state_dict(), modality, input_size, num_frames, normalization
     )
@@ -74,10 +65,11 @@ def _encoder(spec: dict):
         import torch
 
         from epalm.config import EncoderConfig
+        from epalm.model.encoders import build_reference_encoder
 
         if mp.parent_process() is not None:
             torch.set_num_threads(1)  # one of several worker processes: do not oversubscribe the cores
-        encoder = _build(EncoderConfig(**spec["config"]))
+        encoder = build_reference_encoder(EncoderConfig(**spec["config"]))
         # a worker process must encode with exactly the weights the manifest names
         got = schema.weights_hash(encoder.state_dict())
         if got != spec["fingerprint"]["weights_hash"]:

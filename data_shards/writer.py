@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_shards.media import SkipSample, extract, npy_bytes
+from data_shards.media import extract
 from data_shards.sources.base import Record
+from epalm import atomic
 from epalm.data import schema
+from epalm.data.media import SkipSample, npy_bytes
 
 KEY_WIDTH = 9  # sample keys are the zero-padded record index: sortable, dot-free, stable
 
@@ -67,12 +69,6 @@ def build_id(task: ShardTask) -> str:
         "records": [asdict(r) for r in task.records],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
@@ -142,7 +138,7 @@ def build_shard(task: ShardTask) -> dict:
         "skipped": dict(sorted(Counter(r for _, r, _ in skipped).items())),
         "skipped_samples": skipped,
     }
-    write_json_atomic(out / schema.done_record_name(name), done)
+    atomic.write_json_atomic(out / schema.done_record_name(name), done)
     return done
 
 

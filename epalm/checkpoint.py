@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from epalm.atomic import write_text_atomic
 from epalm.config import Config, load_config, save_config
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -128,7 +129,6 @@ def save_training_state(
     adapter_state: dict[str, torch.Tensor] | None = None,
     cfg: Config | None = None,
     keep_last: int = 0,
-    fault: Callable[[str], None] = lambda where: None,
 ) -> Path:
     """Write a checkpoint for `step` on every rank; it becomes visible only once complete everywhere.
 
@@ -149,9 +149,8 @@ def save_training_state(
     torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
     if rank == 0 and adapter_state is not None and cfg is not None:
         save_adapter(adapter_state, cfg, tmp / "adapter")
-    fault("save")
     if rank == 0:
-        _write_atomic(tmp / TRAINER_STATE, json.dumps({**trainer_state, "step": step}, indent=1))
+        write_text_atomic(tmp / TRAINER_STATE, json.dumps({**trainer_state, "step": step}, indent=1))
     barrier()
     if rank == 0:
         final = root / tag
@@ -160,7 +159,7 @@ def save_training_state(
                 raise FileExistsError(f"{final} is the committed checkpoint; refusing to overwrite it")
             shutil.rmtree(final)  # a leftover that `latest` never pointed to
         os.replace(tmp, final)
-        _write_atomic(root / LATEST, tag)
+        write_text_atomic(root / LATEST, tag)
         _prune(root, keep_last, keep=tag)
     barrier()
     return root / tag
@@ -183,15 +182,6 @@ def load_training_state(engine, path: str | Path, *, rank: int) -> dict:
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return state
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NoReturn
 
 
@@ -38,28 +37,6 @@ def get_dist_info(env: Mapping[str, str] | None = None) -> DistInfo:
     if "RANK" in env and "WORLD_SIZE" in env:  # LOCAL_RANK missing: a one-process-per-node launcher
         return DistInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "env")
     return DistInfo(0, 0, 1, "single")
-
-
-def get_rank() -> int:
-    return get_dist_info().rank
-
-
-def get_local_rank() -> int:
-    return get_dist_info().local_rank
-
-
-def get_world_size() -> int:
-    return get_dist_info().world_size
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
-def print0(*args: object, **kwargs: object) -> None:
-    """print on global rank 0 only."""
-    if is_main_process():
-        print(*args, **kwargs, flush=True)
 
 
 def slurm_env_exports(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -143,28 +120,3 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "EPALM_FAULT")
-
-
-def cpu_child_env(**extra: str) -> dict[str, str]:
-    """The environment for launching ranks as child processes on a CPU host (tests, benchmarks, the demo).
-
-    Offline hub, DeepSpeed's CPU accelerator, one thread per process (several ranks share few cores),
-    this checkout and its venv first on the paths, and no rank variables leaked from a parent job.
-    """
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(root / ".cache" / "torch_extensions"))
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONWARNINGS="ignore::FutureWarning",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(root),
-        PATH=f"{root / '.venv' / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
-    )
-    env.update(extra)
-    return env

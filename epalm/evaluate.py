@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from epalm.config import Config
 from epalm.data import schema
-from epalm.data.stream import iter_range, load_manifest
 from epalm.generation import decode_generated, generate
+from epalm.references import media_id, reference_files, write_references
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,11 @@ TASKS: dict[str, EvalTask] = {
     "caption": EvalTask("caption", ("image", "video", "audio"), "caption"),
     "audio_caption": EvalTask("caption", ("audio",), "caption"),
 }
-MEDIA_ID = {"image": "image_id", "video": "video_id", "audio": "audio_id"}
+# the number each metric is judged by, on the paper's scale (percent; CIDEr x 100 as papers print it)
+PRIMARY = {"vqa": "vqa_accuracy", "qa": "accuracy", "vqa_label_score": "accuracy", "caption": "cider"}
+CAPTION_KEYS = {"cider": "CIDEr", "bleu4": "Bleu_4", "meteor": "METEOR"}
+METRIC_ORDER = ("vqa_accuracy", "accuracy", "cider", "bleu4", "meteor")  # how logs and reports list them
+RESULTS, SCORES = "{prefix}_results.json", "scores.json"  # the files `write_outputs` leaves
 
 
 def load_eval_model(
@@ -57,14 +61,32 @@ def load_eval_model(
     return model, tokenizer, cfg
 
 
+def task_for(kind: str, modality: str, metas: Sequence[dict] | None = None) -> str:
+    """The `TASKS` entry for a training config's task kind and modality: official VQA v2 needs raw answers."""
+    if kind == "caption":
+        return "audio_caption" if modality == "audio" else "caption"
+    if modality == "video":
+        return "video_qa"
+    return "vqav2" if metas is None or all(m.get("raw_answers") for m in metas) else "gqa"
+
+
+def headline(metric: str, scores: dict) -> dict[str, float]:
+    """The logged numbers of a scores dict, primary first, on the paper's scale."""
+    if metric == "vqa":
+        return {"vqa_accuracy": float(scores["overall"])}
+    if metric in ("qa", "vqa_label_score"):
+        return {"accuracy": float(scores["accuracy"])}
+    return {k: 100.0 * float(scores[v]) for k, v in CAPTION_KEYS.items() if v in scores}
+
+
+def sample_key(kind: str, modality: str, meta: dict) -> Hashable:
+    """The id a sample's prediction is scored under: question_id (QA) or its media id (captions)."""
+    return meta["question_id"] if kind == "qa" else media_id(meta, modality)
+
+
 def record_key(record: dict) -> Hashable:
     """The id a prediction record is scored under: question_id (QA) or image_id (COCO results)."""
     return record["question_id"] if "question_id" in record else record["image_id"]
-
-
-def media_id(meta: dict, modality: str) -> Any:
-    """The media's own id (COCO `image_id`, MSR-VTT `video_id`, AudioCaps `audio_id`), else the sample id."""
-    return meta.get(MEDIA_ID[modality], meta["id"])
 
 
 def _to_records(kind: str, modality: str, metas: Sequence[dict], texts: Sequence[str]) -> list[dict]:
@@ -177,97 +199,10 @@ def gather_predictions(records: list[dict], expected: int | None = None) -> list
     return merged
 
 
-# --------------------------------------------------------------------------- references from shards
-
-
-def load_shard_metas(shard_dir: str | Path) -> tuple[dict, list[dict]]:
-    """(manifest, every sample's JSON in manifest order); other members are seeked over, not read."""
-    manifest, shards = load_manifest(shard_dir)
-    pieces = [(i, 0, n) for i, n in enumerate(shards.counts)]
-    metas = [
-        json.loads(sample.members[schema.JSON])
-        for _, sample in iter_range(shards, pieces, lambda ext: ext == schema.JSON)
-    ]
-    return manifest, metas
-
-
-def _vqa_files(metas: list[dict], split: str) -> dict[str, Any]:
-    info = {"description": "built by epalm.evaluate from shard metadata", "split": split}
-    common = {"data_type": "mscoco", "data_subtype": split, "info": info, "license": {}}
-    questions = [
-        {"question_id": m["question_id"], "image_id": m.get("image_id"), "question": m["question"]}
-        for m in metas
-    ]
-    annotations = [
-        {
-            "question_id": m["question_id"],
-            "image_id": m.get("image_id"),
-            "question_type": m.get("question_type") or "unknown",
-            "answer_type": m.get("answer_type") or "unknown",
-            "multiple_choice_answer": m.get("multiple_choice_answer"),
-            # answer_id makes each annotator record distinct: the official leave-one-out compares whole dicts
-            "answers": [
-                {"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-                for i, a in enumerate(m["raw_answers"])
-            ],
-        }
-        for m in metas
-    ]
-    return {
-        "questions": common | {"task_type": "Open-Ended", "questions": questions},
-        "annotations": common | {"annotations": annotations},
-    }
-
-
 def build_references(task: str, metas: list[dict], split: str = "eval") -> dict[str, Any]:
-    """Reference files (name -> JSON object) in the official formats; {} when the split has no ground truth.
-
-    vqav2: `questions` + `annotations` (VQA v2 files; needs the 10 `raw_answers` of `--source vqav2`
-    shards; shards with soft labels only get `references` scored as label-score exact match);
-    gqa / video_qa: `references` `[{"question_id", "answers"}]`; captions: `references`, a COCO caption
-    file whose image ids are the media ids.
-    """
+    """`task`'s reference files (name -> JSON object) built from shard metadata; {} without ground truth."""
     spec = TASKS[task]
-    if spec.kind == "qa":
-        if not any(m.get("answers") for m in metas):
-            return {}  # test-dev / test-std: a submission, not a score
-        missing = [m["question_id"] for m in metas if not m.get("answers")]
-        if missing:
-            raise ValueError(f"{len(missing)} question(s) have no answers (e.g. {missing[:5]})")
-        if spec.metric == "vqa" and all(m.get("raw_answers") for m in metas):
-            return _vqa_files(metas, split)
-        return {"references": [{"question_id": m["question_id"], "answers": m["answers"]} for m in metas]}
-    if not any(m.get("captions") for m in metas):
-        return {}
-    images, annotations, seen = [], [], set()
-    for m in metas:
-        mid = media_id(m, m.get("modality", "image"))
-        if mid in seen:
-            raise ValueError(f"media {mid!r} appears in several samples (a train split? use val/test)")
-        seen.add(mid)
-        images.append({"id": mid})
-        annotations += [
-            {"image_id": mid, "id": len(annotations) + k, "caption": c} for k, c in enumerate(m["captions"])
-        ]
-    return {
-        "references": {
-            "info": {"split": split},
-            "type": "captions",
-            "images": images,
-            "annotations": annotations,
-        }
-    }
-
-
-def write_references(references: dict[str, Any], out_dir: str | Path, prefix: str) -> dict[str, Path]:
-    """Write each reference object as `<out_dir>/<prefix>_<name>.json`; returns name -> path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, obj in references.items():
-        paths[name] = out / f"{prefix}_{name}.json"
-        paths[name].write_text(json.dumps(obj))
-    return paths
+    return reference_files(spec.kind, metas, split, official_vqa=spec.metric == "vqa")
 
 
 def metric_name(task: str, references: dict[str, Any]) -> str:
@@ -294,3 +229,72 @@ def score(
     from epalm.metrics.caption import score_captions
 
     return score_captions(predictions, references["references"], spice=spice)
+
+
+# --------------------------------------------------------------------------- one output path
+
+
+@dataclass
+class Scored:
+    """One split's predictions in manifest order, the references built for them, and their scores."""
+
+    task: str
+    split: str
+    predictions: list[dict]
+    references: dict[str, Any]
+    metric: str | None  # None: no ground truth (the predictions are a submission file)
+    scores: dict | None
+
+
+def score_split(
+    task: str,
+    predictions: list[dict],
+    metas: Sequence[dict],
+    split: str,
+    modality: str,
+    *,
+    subset: bool = False,
+    spice: bool | None = None,
+) -> Scored:
+    """Sort `predictions` into manifest order (files independent of world size and worker interleaving),
+    build the references (only the predicted samples' with `subset`, as `eval.vqa --subset`) and score."""
+    kind = TASKS[task].kind
+    position = {sample_key(kind, modality, m): i for i, m in enumerate(metas)}
+    predictions = sorted(predictions, key=lambda r: position.get(record_key(r), len(position)))
+    if subset:
+        keys = {record_key(r) for r in predictions}
+        metas = [m for m in metas if sample_key(kind, modality, m) in keys]
+    references = build_references(task, list(metas), split)
+    if not references:
+        return Scored(task, split, predictions, {}, None, None)
+    metric = metric_name(task, references)
+    return Scored(
+        task, split, predictions, references, metric, score(task, predictions, references, spice=spice)
+    )
+
+
+def write_outputs(scored: Scored, out_dir: str | Path, settings: dict, headline_prefix: str = "") -> dict:
+    """Write `<task>_<split>_results.json`, the reference files and `scores.json` (settings + scores);
+    return that summary. Its `headline` (primary metric first, paper scale) keys get `headline_prefix`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = f"{scored.task}_{scored.split}"
+    results = out / RESULTS.format(prefix=prefix)
+    results.write_text(json.dumps(scored.predictions))
+    paths = write_references(scored.references, out, prefix)
+    summary = {
+        "task": scored.task,
+        "split": scored.split,
+        **settings,
+        "num_samples": len(scored.predictions),
+        "results": results.name,
+        "references": {k: p.name for k, p in paths.items()},
+        "metric": scored.metric,
+        "scores": scored.scores,
+    }
+    if scored.scores is not None:
+        summary["headline"] = {
+            f"{headline_prefix}{k}": v for k, v in headline(scored.metric, scored.scores).items()
+        }
+    (out / SCORES).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

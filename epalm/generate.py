@@ -27,8 +27,8 @@ def load_media(
     Images and frames are first stored as the shard builder stores them (shorter side resized, JPEG),
     then given the eval transform; video frames are the centres of `data.num_frames` equal segments (PyAV).
     """
-    from data_shards.media import audio_fbank, encode_image, extract_frames
     from epalm.data.collate import decode_image
+    from epalm.data.media import audio_fbank, encode_image, extract_frames
     from epalm.data.transforms import AudioTransform, ImageTransform
 
     size = cfg.data.image_size
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = p.parse_args(argv)
 
-    from data_shards.media import SkipSample
     from epalm.config import ENCODER_MODALITY
+    from epalm.data.media import SkipSample
     from epalm.data.text import format_caption, format_qa, tokenize
     from epalm.evaluate import load_eval_model
     from epalm.generation import decode_generated, generate

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import yaml
 
+from epalm.evaluate import METRIC_ORDER
+
 METRICS_FILE = "metrics.jsonl"  # epalm.train_metrics.METRICS_FILE; not imported, it pulls in torch
 REPORT_FILE, LOSS_PNG, METRIC_PNG = "report.md", "loss.png", "eval_metric.png"
-METRIC_ORDER = ("vqa_accuracy", "accuracy", "cider", "bleu4", "meteor")  # primary first, as train_eval logs
-REFERENCE = "epalm-reference.md"  # the project's paper reference (shared docs); its §6 holds the numbers
+REFERENCE = "the eP-ALM paper (arXiv:2303.11403) and its README (github.com/mshukor/eP-ALM)"
 
 
 @dataclass(frozen=True)
@@ -25,35 +26,43 @@ class PaperNumber:
     key: str  # the run's metric name (val/<key>, test/<key>)
     value: float  # percent; CIDEr x 100
     what: str  # dataset, split, model
-    section: str  # in the reference's §6
+    section: str  # where in REFERENCE the number is printed
 
 
 # Keyed by config name (a shipped config's file stem, which is also its run_dir's name).
 PAPER: dict[str, list[PaperNumber]] = {
-    "vqa_v2_pt_L": [PaperNumber("vqa_accuracy", 54.78, "VQA v2 val, eP-ALM_pt-L (Table 1)", "§6.1")],
-    "vqa_v2": [PaperNumber("vqa_accuracy", 52.77, "VQA v2 val, eP-ALM, 100% of the data", "§6.5")],
-    "gqa_pt_L": [PaperNumber("accuracy", 42.91, "GQA test-dev, eP-ALM_pt-L", "§6.1")],
+    "vqa_v2_pt_L": [PaperNumber("vqa_accuracy", 54.78, "VQA v2 val, eP-ALM_pt-L", "Table 1")],
+    "vqa_v2": [
+        PaperNumber("vqa_accuracy", 52.77, "VQA v2 val, eP-ALM, 100% of the data", "README few-shot figure")
+    ],
+    "gqa_pt_L": [PaperNumber("accuracy", 42.91, "GQA test-dev, eP-ALM_pt-L", "Table 1")],
     "caption_coco_pt_L": [
-        PaperNumber("cider", 111.63, "COCO CIDEr, eP-ALM_pt-L", "§6.1"),
-        PaperNumber("bleu4", 33.35, "COCO B@4, eP-ALM_pt-L", "§6.1"),
+        PaperNumber("cider", 111.63, "COCO CIDEr, eP-ALM_pt-L", "Table 1"),
+        PaperNumber("bleu4", 33.35, "COCO B@4, eP-ALM_pt-L", "Table 1"),
     ],
     "caption_coco": [
-        PaperNumber("cider", 97.0, "COCO CIDEr, fp32 OPT-2.7B/ViT-B (102 re-evaluated)", "§6.2")
+        PaperNumber("cider", 97.0, "COCO CIDEr, fp32 OPT-2.7B/ViT-B (102 re-evaluated)", "README SoTA table")
     ],
-    "msrvtt_qa": [PaperNumber("accuracy", 35.90, "MSRVTT-QA, eP-ALM_pt-L (OPT-6.7B)", "§6.1")],
-    "msvd_qa": [PaperNumber("accuracy", 38.40, "MSVD-QA, eP-ALM_pt-L (OPT-6.7B)", "§6.1")],
+    "msrvtt_qa": [PaperNumber("accuracy", 35.90, "MSRVTT-QA, eP-ALM_pt-L (OPT-6.7B)", "Table 1")],
+    "msvd_qa": [PaperNumber("accuracy", 38.40, "MSVD-QA, eP-ALM_pt-L (OPT-6.7B)", "Table 1")],
     "msrvtt_caption": [
-        PaperNumber("cider", 48.79, "MSR-VTT CIDEr, eP-ALM_pt-L (OPT-6.7B)", "§6.1"),
-        PaperNumber("bleu4", 38.51, "MSR-VTT B@4, eP-ALM_pt-L (OPT-6.7B)", "§6.1"),
+        PaperNumber("cider", 48.79, "MSR-VTT CIDEr, eP-ALM_pt-L (OPT-6.7B)", "Table 1"),
+        PaperNumber("bleu4", 38.51, "MSR-VTT B@4, eP-ALM_pt-L (OPT-6.7B)", "Table 1"),
     ],
     "audiocaps": [
-        PaperNumber("cider", 61.86, "AudioCaps CIDEr, eP-ALM_pt-L (0.9% model: 63.61, §6.3)", "§6.1"),
-        PaperNumber("bleu4", 20.81, "AudioCaps B@4, eP-ALM_pt-L", "§6.1"),
+        PaperNumber(
+            "cider", 61.86, "AudioCaps CIDEr, eP-ALM_pt-L (0.9% model: 63.61, README audio figure)", "Table 1"
+        ),
+        PaperNumber("bleu4", 20.81, "AudioCaps B@4, eP-ALM_pt-L", "Table 1"),
     ],
     "cc3m_pt_L": [
-        PaperNumber("cider", 42.47, "zero-shot COCO CIDEr after CC3M, no CLIP", "§6.7"),
-        PaperNumber("bleu4", 11.50, "zero-shot COCO B@4 after CC3M, no CLIP", "§6.7"),
-        PaperNumber("meteor", 15.44, "zero-shot COCO METEOR after CC3M, no CLIP", "§6.7"),
+        PaperNumber(
+            "cider", 42.47, "zero-shot COCO CIDEr after CC3M, no CLIP", "README CC3M zero-shot figure"
+        ),
+        PaperNumber("bleu4", 11.50, "zero-shot COCO B@4 after CC3M, no CLIP", "README CC3M zero-shot figure"),
+        PaperNumber(
+            "meteor", 15.44, "zero-shot COCO METEOR after CC3M, no CLIP", "README CC3M zero-shot figure"
+        ),
     ],
 }
 

@@ -3,7 +3,6 @@ into TensorBoard, a JSONL file and a tqdm bar (rank 0)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import resource
 import time
@@ -57,15 +56,6 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def tensor_digest(state: dict[str, torch.Tensor]) -> str:
-    """A digest of a state dict's names and exact bytes (bit-identity checks)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].detach().to("cpu").contiguous().view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 class MetricWriter:

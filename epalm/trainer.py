@@ -1,7 +1,8 @@
 """The one training loop: step-based, with logging, validation loss, checkpoints, exact resume and signal handling.
-Generation metrics, the best adapter and the final test evaluation live in `epalm.train_eval`.
 
-`prepare` checks everything that can be checked before a model is built; `Trainer.fit` runs the steps.
+`epalm.train_setup` checks everything that can be checked before a model is built; `Trainer.fit` runs the
+steps. Generation metrics, the best adapter and the final test evaluation are the evaluation hook's
+(`epalm.eval_hook`), which sees the run through an `EvalContext` only.
 A SIGTERM or SIGUSR1 on any rank stops every rank after the current step with a checkpoint and EXIT_REQUEUE.
 """
 
@@ -9,34 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from epalm import checkpoint as ckpt
-from epalm.config import Config, ConfigError, save_config
+from epalm.config import save_config
 from epalm.data import schema
-from epalm.data.loader import DatasetSpec, ResumableLoader, build_train_loader
-from epalm.data.text import build_tokenizer
-from epalm.distributed import DistInfo
-from epalm.engine import (
-    Engine,
-    build_ds_config,
-    build_engine,
-    choose_optimizer,
-    frozen_checksum,
-    full_frozen_digest,
-    gather_adapter_state,
-)
-from epalm.train_eval import GenerationEval, build_generation_eval, final_outputs
-from epalm.train_metrics import MetricWriter, Window, tensor_digest
+from epalm.digest import state_digest
+from epalm.engine import Engine, build_engine, frozen_checksum, full_frozen_digest, gather_adapter_state
+from epalm.eval_hook import EvalContext
+from epalm.train_metrics import MetricWriter, Window
+from epalm.train_setup import TrainSetup
 
 log = logging.getLogger(__name__)
 
@@ -44,142 +32,59 @@ EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint;
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 VAL_MAX_BATCHES = 100  # per rank and evaluation: a validation loss estimate, not a full pass
 STOPPED_MARKER = "stopped_by_signal.json"  # for launchers that do not pass the exit code on (torchrun)
-EvalHook = Callable[["Trainer", int], dict]  # (trainer, step) -> metrics; called on every rank
-
-
-@dataclass
-class Prepared:
-    cfg: Config
-    info: DistInfo
-    ds_config: dict
-    loader: ResumableLoader
-    val_loaders: list[ResumableLoader]
-    tokenizer: object  # for eval hooks
-    total_steps: int
-    resume_from: Path | None
-    run_dir: Path
-    eval_hooks: list[EvalHook] = field(default_factory=list)
-    final_eval: GenerationEval | None = None  # also the generation hook in eval_hooks, when data.val is set
-
-
-def prepare(
-    cfg: Config, ds_base: dict, info: DistInfo, resume: str | None, precision: str | None
-) -> Prepared:
-    """Every check that needs no model: batch arithmetic, optimizer, shards, fingerprints, resume path.
-
-    Raises ConfigError (the same on every rank, so no rank waits for another that failed).
-    """
-    cuda = torch.cuda.is_available()
-    ds_config = build_ds_config(ds_base, cfg.train, info.world_size, precision, cuda)
-    choose_optimizer(cfg.train.optimizer, cuda)
-    if not cfg.data.train:
-        raise ConfigError(["data.train: no training datasets"])
-    loader_kwargs = dict(
-        batch_size=cfg.train.micro_batch_size,
-        rank=info.rank,
-        world_size=info.world_size,
-        seed=cfg.train.seed,
-        image_size=cfg.data.image_size,
-        normalization=cfg.data.normalization,
-        answer_only=cfg.model.answer_only_loss,
-        double_question_mark=cfg.model.double_question_mark,
-    )
-    try:
-        tokenizer = build_tokenizer(cfg.model.lm.tokenizer or cfg.model.lm.name)
-        fingerprint = _expected_fingerprint(cfg) if cfg.data.use_features else None
-        specs = [_spec(cfg, d.path, d.weight, fingerprint) for d in cfg.data.train]
-        loader = build_train_loader(specs, tokenizer, num_workers=cfg.data.num_workers, **loader_kwargs)
-        # built now so a bad validation set fails before training; reset to its start at each evaluation
-        val_loaders = (
-            [build_train_loader([_spec(cfg, cfg.data.val, 1.0, fingerprint)], tokenizer, **loader_kwargs)]
-            if cfg.data.val
-            else []
-        )
-        generation = build_generation_eval(cfg, tokenizer, info)
-    except (OSError, ValueError) as e:
-        raise ConfigError([f"data: {e}"]) from e
-    accum = ds_config["gradient_accumulation_steps"]
-    total = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(loader) / accum)
-    run_dir = Path(cfg.run_dir)
-    resume_from = _resume_path(resume, run_dir)
-    hooks = [generation] if generation is not None and generation.val is not None else []
-    return Prepared(
-        cfg, info, ds_config, loader, val_loaders, tokenizer, total, resume_from, run_dir, hooks, generation
-    )
-
-
-def _spec(cfg: Config, path: str, weight: float, fingerprint: dict | None) -> DatasetSpec:
-    d = cfg.data
-    return DatasetSpec(path, d.task, d.modality, weight, d.use_features, fingerprint)
-
-
-def _expected_fingerprint(cfg: Config) -> dict:
-    """What data_shards.features recorded for this encoder (random encoders are built under seed 0 there too)."""
-    from epalm.model.encoders import build_encoder
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        encoder = build_encoder(cfg.model.encoder)
-    d = cfg.data
-    return schema.encoder_fingerprint(
-        cfg.model.encoder, encoder.state_dict(), d.modality, d.image_size, d.num_frames, d.normalization
-    )
-
-
-def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "auto":
-        return ckpt.find_latest(run_dir / "checkpoints")
-    path = Path(resume)
-    if (path / ckpt.TRAINER_STATE).is_file():
-        return path
-    latest = ckpt.find_latest(path)
-    if latest is None:
-        raise ConfigError([f"--resume {resume}: neither a checkpoint nor a directory with '{ckpt.LATEST}'"])
-    return latest
 
 
 class Trainer:
-    def __init__(self, prep: Prepared, eng: Engine):
-        self.prep, self.cfg, self.eng = prep, prep.cfg, eng
-        self.rank, self.world = prep.info.rank, prep.info.world_size
+    def __init__(self, setup: TrainSetup, engine: Engine):
+        self.setup, self.cfg, self.engine = setup, setup.cfg, engine
+        self.ds = engine.ds_engine
+        self.rank, self.world = setup.info.rank, setup.info.world_size
         self.main = self.rank == 0
         self.step = 0
         self._saved_step = -1
         self._stop = False
         self._iter = None
-        self.device = eng.engine.device
-        self.ckpt_root = prep.run_dir / "checkpoints"
-        self.eval_hooks = prep.eval_hooks
-        self.fault = _Fault.from_env(self.rank)
-        self._val_start = prep.val_loaders[0].state_dict() if prep.val_loaders else None
+        self.device = self.ds.device
+        self.ckpt_root = setup.run_dir / "checkpoints"
+        self.evaluation = setup.evaluation
+        self.eval_ctx = EvalContext(
+            model=engine.model,
+            tokenizer=setup.tokenizer,
+            cfg=setup.cfg,
+            run_dir=setup.run_dir,
+            rank=self.rank,
+            world_size=self.world,
+            zero_stage=engine.stage,
+            gather_adapter=lambda: gather_adapter_state(engine.model),
+        )
+        self._val_start = setup.val_loaders[0].state_dict() if setup.val_loaders else None
 
     # ------------------------------------------------------------------ setup
 
     def _start(self) -> None:
-        p = self.prep
+        p = self.setup
         if self.main:
             p.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, p.run_dir / "config.yaml")
             (p.run_dir / "ds_config.json").write_text(json.dumps(p.ds_config, indent=1))
             (p.run_dir / STOPPED_MARKER).unlink(missing_ok=True)
-        self.frozen_start = frozen_checksum(self.eng.model)
+        self.frozen_start = frozen_checksum(self.engine.model)
         if p.resume_from is not None:
-            state = ckpt.load_training_state(self.eng.engine, p.resume_from, rank=self.rank)
+            state = ckpt.load_training_state(self.ds, p.resume_from, rank=self.rank)
             if state.get("world_size") == self.world and state.get("frozen_checksum") != self.frozen_start:
                 raise RuntimeError(
                     f"{p.resume_from}: the frozen weights differ from the ones this checkpoint trained with"
                 )
             p.loader.load_state_dict(state["loader"])
             self.step = self._saved_step = int(state["step"])
-            for hook in self._stateful_hooks():  # e.g. the best value so far, so `best/` keeps its meaning
+            if self.evaluation is not None:  # the best value so far, so `best/` keeps its meaning
+                hook = self.evaluation
                 hook.load_state_dict(state.get("eval_state", {}).get(hook.name), self.step, p.run_dir)
             # the optimizer's param groups must carry the restored scheduler's lr, whatever restored them
-            for group, lr in zip(self.eng.engine.optimizer.param_groups, self.eng.scheduler.get_last_lr()):
+            for group, lr in zip(self.ds.optimizer.param_groups, self.engine.scheduler.get_last_lr()):
                 group["lr"] = lr
             log.info("resumed from %s at step %d", p.resume_from, self.step)
-        self.metrics = MetricWriter(p.run_dir, self.main, self.prep.total_steps, self.step)
+        self.metrics = MetricWriter(p.run_dir, self.main, self.setup.total_steps, self.step)
 
     # ------------------------------------------------------------------ the loop
 
@@ -188,9 +93,9 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             self._start()
-            self.eng.engine.train()
+            self.ds.train()
             window = Window()
-            total = self.prep.total_steps
+            total = self.setup.total_steps
             while self.step < total:
                 if self._stop_requested():
                     self.save()
@@ -200,7 +105,6 @@ class Trainer:
                 self._train_step(window)
                 self.step += 1
                 self.metrics.advance(self.step)
-                self.fault.after_step(self.step)
                 if self.step % self.cfg.train.log_every == 0 or self.step == total:
                     self.metrics.log(self.step, window.reduce(self.world), self._lrs())
                     window = Window()
@@ -210,7 +114,7 @@ class Trainer:
                     self.save()
             self.save()
             self._finish(stopped=False)
-            final_outputs(self)  # the test split (captioning runs), then report.md
+            self._final_outputs()
             return 0
         finally:
             for s, handler in previous.items():
@@ -219,7 +123,7 @@ class Trainer:
                 self.metrics.close()
 
     def _train_step(self, window: Window) -> None:
-        engine = self.eng.engine
+        engine = self.ds
         start = time.perf_counter()
         for _ in range(engine.gradient_accumulation_steps()):
             wait = time.perf_counter()
@@ -237,11 +141,11 @@ class Trainer:
 
     def _next_batch(self) -> dict:
         if self._iter is None:
-            self._iter = iter(self.prep.loader)
+            self._iter = iter(self.setup.loader)
         try:
             return next(self._iter)
         except StopIteration:  # end of an epoch; the loader continues from its position
-            self._iter = iter(self.prep.loader)
+            self._iter = iter(self.setup.loader)
             return next(self._iter)
 
     def _inputs(self, batch: dict) -> dict:
@@ -257,7 +161,7 @@ class Trainer:
             raise RuntimeError(f"step {self.step}: ranks got different modalities (this rank: {modality})")
 
     def _lrs(self) -> dict[str, float]:
-        groups = self.eng.engine.optimizer.param_groups
+        groups = self.ds.optimizer.param_groups
         return {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)}
 
     # ------------------------------------------------------------------ signals
@@ -275,7 +179,7 @@ class Trainer:
     def _write_marker(self) -> None:
         if self.main:
             marker = {"step": self.step, "exit_code": EXIT_REQUEUE, "resume": "--resume auto"}
-            (self.prep.run_dir / STOPPED_MARKER).write_text(json.dumps(marker))
+            (self.setup.run_dir / STOPPED_MARKER).write_text(json.dumps(marker))
 
     # ------------------------------------------------------------------ evaluation and checkpoints
 
@@ -283,9 +187,9 @@ class Trainer:
     def evaluate(self) -> dict:
         """Validation loss, then the eval hooks (generation metrics). Every rank takes part."""
         metrics = {}
-        engine = self.eng.engine
+        engine = self.ds
         engine.eval()
-        for loader in self.prep.val_loaders:
+        for loader in self.setup.val_loaders:
             loader.load_state_dict(self._val_start)
             total = torch.zeros(2, device=self.device)
             for i, batch in enumerate(loader):
@@ -296,32 +200,31 @@ class Trainer:
                 )
             dist.all_reduce(total)
             metrics["val/loss"] = (total[0] / total[1].clamp(min=1)).item()
-        for hook in self.eval_hooks:
-            metrics.update(hook(self, self.step))
+        if self.evaluation is not None and self.evaluation.val is not None:
+            metrics.update(self.evaluation(self.eval_ctx, self.step))
         engine.train()
         self.metrics.log_eval(self.step, metrics)
         return metrics
 
-    def _stateful_hooks(self) -> list:
-        return [h for h in self.eval_hooks if hasattr(h, "state_dict")]
-
     def save(self) -> Path:
         if self.step == self._saved_step:  # nothing changed since (a signal right after a save or resume)
             return self.ckpt_root / ckpt.tag_for(self.step)
-        checksum = frozen_checksum(self.eng.model)
+        checksum = frozen_checksum(self.engine.model)
         if checksum != self.frozen_start:
             raise RuntimeError(f"step {self.step}: frozen weights changed during training")
-        adapter = gather_adapter_state(self.eng.model)
+        adapter = gather_adapter_state(self.engine.model)
         state = {
-            "loader": self.prep.loader.state_dict(),
+            "loader": self.setup.loader.state_dict(),
             "frozen_checksum": checksum,
             "world_size": self.world,
-            "total_steps": self.prep.total_steps,
-            "eval_state": {h.name: h.state_dict() for h in self._stateful_hooks()},
+            "total_steps": self.setup.total_steps,
+            "eval_state": {}
+            if self.evaluation is None
+            else {self.evaluation.name: self.evaluation.state_dict()},
         }
         self._saved_step = self.step
         return ckpt.save_training_state(
-            self.eng.engine,
+            self.ds,
             self.ckpt_root,
             self.step,
             state,
@@ -330,62 +233,46 @@ class Trainer:
             adapter_state=adapter,
             cfg=self.cfg,
             keep_last=self.cfg.train.keep_last,
-            fault=lambda where: self.fault.in_save(self.step),
         )
+
+    def _final_outputs(self) -> None:
+        """After a completed run: the test split of a captioning run, then report.md (rank 0)."""
+        if self.evaluation is not None and self.evaluation.test is not None:
+            self.ds.eval()
+            self.metrics.log_eval(self.step, self.evaluation.final(self.eval_ctx, self.step))
+        if self.main:
+            from epalm.report import write_report
+
+            try:  # a plotting problem must not turn a finished run into a failed job
+                log.info("report: %s", write_report(self.setup.run_dir))
+            except Exception as e:  # noqa: BLE001
+                log.warning("report.md not written: %s", e)
 
     def _finish(self, stopped: bool) -> None:
         """Final adapter export and a summary a test (or a person) can check the run against."""
-        adapter = gather_adapter_state(self.eng.model)
+        adapter = gather_adapter_state(self.engine.model)
         adapter_digests = [None] * self.world
-        dist.all_gather_object(adapter_digests, tensor_digest(adapter))
+        dist.all_gather_object(adapter_digests, state_digest(adapter))
         frozen_full = [None] * self.world
-        dist.all_gather_object(frozen_full, full_frozen_digest(self.eng.model))
+        dist.all_gather_object(frozen_full, full_frozen_digest(self.engine.model))
         if self.main:
             if not stopped:
-                ckpt.save_adapter(adapter, self.cfg, self.prep.run_dir / "adapter")
+                ckpt.save_adapter(adapter, self.cfg, self.setup.run_dir / "adapter")
             summary = {
                 "step": self.step,
                 "stopped_by_signal": stopped,
-                "optimizer": self.eng.optimizer_kind,
-                "zero_stage": self.eng.stage,
+                "optimizer": self.engine.optimizer_kind,
+                "zero_stage": self.engine.stage,
                 "frozen_checksum": self.frozen_start,
                 "frozen_full_digests": frozen_full,
                 "adapter_digests": adapter_digests,
             }
-            (self.prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            (self.setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
-class _Fault:
-    """Test-only fault injection from EPALM_FAULT=kind:step[:rank] (kill_after_step, kill_in_save, sigterm_at_step)."""
-
-    def __init__(self, kind: str | None, step: int, rank: int | None, my_rank: int):
-        self.kind, self.step, self.rank, self.my_rank = kind, step, rank, my_rank
-
-    @classmethod
-    def from_env(cls, my_rank: int) -> _Fault:
-        spec = os.environ.get("EPALM_FAULT", "")
-        if not spec:
-            return cls(None, -1, None, my_rank)
-        kind, step, *rank = spec.split(":")
-        return cls(kind, int(step), int(rank[0]) if rank else None, my_rank)
-
-    def _mine(self, kind: str, step: int) -> bool:
-        return self.kind == kind and step == self.step and self.rank in (None, self.my_rank)
-
-    def after_step(self, step: int) -> None:
-        if self._mine("kill_after_step", step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        if self._mine("sigterm_at_step", step):
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def in_save(self, step: int) -> None:
-        if self._mine("kill_in_save", step):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def run(prep: Prepared) -> int:
+def run(setup: TrainSetup) -> int:
     """Build the engine and train; the return value is the process exit code."""
-    eng = build_engine(
-        prep.cfg, prep.ds_config, prep.total_steps, with_encoder=not prep.cfg.data.use_features
+    engine = build_engine(
+        setup.cfg, setup.ds_config, setup.total_steps, with_encoder=not setup.cfg.data.use_features
     )
-    return Trainer(prep, eng).fit()
+    return Trainer(setup, engine).fit()

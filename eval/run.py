@@ -20,23 +20,18 @@ import torch.distributed as dist
 
 from epalm.config import ENCODER_MODALITY
 from epalm.data.loader import DatasetSpec, build_eval_loader
-from epalm.data.stream import load_manifest
 from epalm.distributed import exit_process, get_dist_info, shutdown_distributed
 from epalm.evaluate import (
-    MEDIA_ID,
     TASKS,
-    build_references,
     gather_predictions,
     load_eval_model,
-    load_shard_metas,
-    metric_name,
     predict,
-    record_key,
-    score,
-    write_references,
+    score_split,
+    write_outputs,
 )
 from epalm.metrics.caption import spice_status
 from epalm.metrics.vqa import MetricsInputError
+from epalm.references import load_shard_metas
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,7 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0, help="loader workers per rank")
     p.add_argument("--out", type=Path, help="default: <adapter>/eval/<task>_<split>")
     p.add_argument("--device", help="default: cuda:<local rank> when CUDA is available, else cpu")
-    p.add_argument("--synced-gpus", action="store_true", help="lockstep generation (what ZeRO-3 needs)")
+    p.add_argument(
+        "--synced-gpus",
+        action="store_true",
+        help="keep ranks generating in lockstep (each rank loads the whole model here; the flag is for parity "
+        "with sharded runs and costs a few dummy steps)",
+    )
     p.add_argument("--no-spice", action="store_true", help="skip SPICE even when it is installed")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, applied to the adapter's config")
@@ -69,45 +69,31 @@ def _flatten(scores: dict, prefix: str = "") -> list[tuple[str, object]]:
     return rows
 
 
-def report(args: argparse.Namespace, predictions: list[dict], settings: dict) -> int:
+def report(args: argparse.Namespace, predictions: list[dict], metas: list[dict], settings: dict) -> int:
     """Rank 0: write predictions, references and scores.json; print the table and the JSON."""
     task, split = args.task, settings["split"]
     out = args.out or args.adapter / "eval" / f"{task}_{split}"
-    out.mkdir(parents=True, exist_ok=True)
-    prefix = f"{task}_{split}"
-    _, metas = load_shard_metas(args.shards)
-    modality = settings["modality"]
-    ids = [
-        m["question_id"] if TASKS[task].kind == "qa" else m.get(MEDIA_ID[modality], m["id"]) for m in metas
-    ]
-    position = {k: i for i, k in enumerate(ids)}
-    # manifest order: deterministic files whatever the world size and worker interleaving
-    predictions = sorted(predictions, key=lambda r: position.get(record_key(r), len(position)))
-    results = out / f"{prefix}_results.json"
-    results.write_text(json.dumps(predictions))
+    if TASKS[task].metric == "caption" and not args.no_spice:
+        available, reason = spice_status()
+        if not available:
+            print(reason, file=sys.stderr)
     try:
-        references = build_references(task, metas, split)
-        paths = write_references(references, out, prefix)
-        summary = dict(settings, results=results.name, references={k: p.name for k, p in paths.items()})
-        if references:
-            summary["metric"] = metric_name(task, references)
-            if summary["metric"] == "caption" and not args.no_spice:
-                available, reason = spice_status()
-                if not available:
-                    print(reason, file=sys.stderr)
-            summary["scores"] = score(task, predictions, references, spice=False if args.no_spice else None)
-        else:
-            summary["metric"], summary["scores"] = None, None
+        scored = score_split(
+            task, predictions, metas, split, settings["modality"], spice=False if args.no_spice else None
+        )
     except (ValueError, MetricsInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    (out / "scores.json").write_text(json.dumps(summary, indent=2) + "\n")
+    fields = {k: v for k, v in settings.items() if k not in ("task", "split", "num_samples")}
+    summary = write_outputs(scored, out, fields)
     print(
         f"{task} {split}: {len(predictions)} samples, {settings['world_size']} rank(s), beams "
         f"{settings['num_beams']}, max_new_tokens {settings['max_new_tokens']} -> {out}"
     )
     if summary["scores"] is None:
-        print(f"no ground truth in {args.shards}: {results} is the submission file (EvalAI format for vqav2)")
+        print(
+            f"no ground truth in {args.shards}: {summary['results']} is the submission file (EvalAI format for vqav2)"
+        )
     else:
         width = max(len(k) for k, _ in _flatten(summary["scores"]))
         print(f"{'metric':<{width}}  value ({summary['metric']})")
@@ -117,15 +103,45 @@ def report(args: argparse.Namespace, predictions: list[dict], settings: dict) ->
     return 0
 
 
+def check_shards(shards: Path, task: str) -> tuple[dict, list[dict]]:
+    """(manifest, sample metadata) of `shards`, refused (ValueError) if they cannot be scored as `task`.
+
+    Runs before the model is loaded, so a wrong --shards or --task costs seconds, not a model load.
+    """
+    manifest, metas = load_shard_metas(shards)
+    spec = TASKS[task]
+    kinds = {m.get("task") for m in metas} - {None}
+    if kinds and kinds != {spec.kind}:
+        raise ValueError(
+            f"{shards} holds {'/'.join(sorted(kinds))} samples; --task {task} scores {spec.kind}"
+        )
+    modalities = {m.get("modality") for m in metas} - {None}
+    if modalities - set(spec.modalities):
+        raise ValueError(
+            f"--task {task} needs {'/'.join(spec.modalities)} input; "
+            f"these shards hold {'/'.join(sorted(modalities))} samples"
+        )
+    return manifest, metas
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        manifest, metas = check_shards(args.shards, args.task)
+    except (OSError, ValueError) as e:
+        print(f"error: --shards {args.shards}: {e}", file=sys.stderr)
+        return 2
     info = get_dist_info()
     if info.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # gloo handles the CPU object gather and CUDA all_reduce alike
     device = torch.device(args.device or (f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model, tokenizer, cfg = load_eval_model(args.adapter, args.overrides, device)
+    try:
+        model, tokenizer, cfg = load_eval_model(args.adapter, args.overrides, device)
+    except FileNotFoundError as e:
+        print(f"error: --adapter {args.adapter}: {e}", file=sys.stderr)
+        return 2
     spec = TASKS[args.task]
     modality = cfg.data.modality if cfg.data.use_features else ENCODER_MODALITY[cfg.model.encoder.kind]
     if modality not in spec.modalities:
@@ -134,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    manifest, _ = load_manifest(args.shards)
     settings = {
         "task": args.task,
         "split": manifest.get("split") or args.shards.name,
@@ -169,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=info.rank == 0 and not args.no_progress,
     )
     predictions = gather_predictions(records, expected=settings["num_samples"])
-    code = report(args, predictions, settings) if info.rank == 0 else 0
+    code = report(args, predictions, metas, settings) if info.rank == 0 else 0
     shutdown_distributed()
     return code
 

@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from epalm.config import ConfigError
     from epalm.distributed import get_dist_info, init_distributed, shutdown_distributed
-    from epalm.engine import load_ds_config
+    from epalm.ds_config import load_ds_config
     from epalm.preflight import load_run_config
-    from epalm.trainer import prepare, run
+    from epalm.train_setup import build_train_setup
+    from epalm.trainer import run
 
     rank = get_dist_info().rank
     logging.basicConfig(
@@ -54,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args.config, args.overrides)  # every problem at once, files included
         ds_base = load_ds_config(args.ds_config)
         info = init_distributed()
-        prep = prepare(cfg, ds_base, info, args.resume, args.precision)
+        setup = build_train_setup(cfg, ds_base, info, args.resume, args.precision)
     except ConfigError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
-    code = run(prep)  # a normal end or a signal stop (every rank stops at the same step)
+    code = run(setup)  # a normal end or a signal stop (every rank stops at the same step)
     shutdown_distributed()
     return code
 

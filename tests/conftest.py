@@ -57,7 +57,7 @@ def tiny_model(tiny_config):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     from epalm.data.text import build_tokenizer
-    from epalm.tiny import save_tokenizer
+    from epalm.tokenizer_trainer import save_tokenizer
 
     texts = [
         "what digit is this?",

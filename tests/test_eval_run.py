@@ -21,7 +21,7 @@ TEXTS = ["what digit is this?", "a handwritten digit seven", "a picture of the n
 def make_adapter(root: Path, encoder: dict | None = None, **data) -> Path:
     """A tiny random model saved as an adapter export; its config.yaml names a tokenizer saved under `root`."""
     from epalm.model.epalm import build_model
-    from epalm.tiny import save_tokenizer
+    from epalm.tokenizer_trainer import save_tokenizer
 
     tree = tiny_tree()
     tree["model"]["lm"]["tokenizer"] = str(save_tokenizer(TEXTS, root / "tok", vocab_size=300))
@@ -229,7 +229,8 @@ def test_task_must_fit_the_encoder(setup, tmp_path, capsys):
 
 
 def test_references_from_shards_give_full_marks_to_the_truth(setup):
-    from epalm.evaluate import build_references, load_shard_metas, score
+    from epalm.evaluate import build_references, score
+    from epalm.references import load_shard_metas
 
     _, data = setup
     manifest, metas = load_shard_metas(data / "digits_vqa/val")

@@ -45,7 +45,7 @@ def test_report_for_vqa_pt_l_shows_the_paper_number_and_plots(tmp_path):
     text = out.read_text()
     assert out == run / "report.md" and text.startswith("# Run report: vqa_v2_pt_L")
     row = next(line for line in text.splitlines() if line.startswith("| vqa_accuracy |"))
-    assert "41.50 (5) → `best/`" in row and "40.25 (10)" in row and "54.78" in row and "§6.1" in row
+    assert "41.50 (5) → `best/`" in row and "40.25 (10)" in row and "54.78" in row and "(Table 1)" in row
     assert "best checkpoint: `best/` at step 5" in text
     assert "![loss](loss.png)" in text and "![vqa_accuracy](eval_metric.png)" in text
     assert _is_png(run / "loss.png") and _is_png(run / "eval_metric.png")
@@ -63,7 +63,7 @@ def test_report_for_cc3m_reads_the_zero_shot_test_scores(tmp_path):
     (run / "eval" / "scores.json").write_text(json.dumps({**scores, "headline": headline}))
     text = write_report(run).read_text()
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert "30.50" in rows["cider"] and "42.47" in rows["cider"] and "§6.7" in rows["cider"]
+    assert "30.50" in rows["cider"] and "42.47" in rows["cider"] and "(README CC3M zero-shot figure)" in rows["cider"]
     assert "8.25" in rows["bleu4"] and "11.50" in rows["bleu4"]
     assert "12.00" in rows["meteor"] and "15.44" in rows["meteor"]
     assert "test evaluation: caption on `shards/coco/test`" in text

@@ -13,18 +13,19 @@ import pytest
 import torch
 import yaml
 
-from epalm import train_eval
+from epalm import eval_hook
 from epalm.config import build_config
 from epalm.distributed import DistInfo
-from epalm.train_eval import (
+from epalm.eval_hook import (
     BestTracker,
+    EvalContext,
     GenerationEval,
     build_eval_split,
     build_generation_eval,
     eval_task,
     evaluate_to_dir,
-    headline,
 )
+from epalm.evaluate import Scored, headline
 from tests.conftest import tiny_tree
 from tests.shard_fixtures import one_torch_thread, write_dataset
 from tests.test_distributed_eval import write_vqa_shards
@@ -70,24 +71,26 @@ def test_headline_scales_and_task_choice():
     )
 
 
-def _stub_trainer(run_dir: Path, step: int) -> SimpleNamespace:
+def _stub_ctx(run_dir: Path, step: int) -> EvalContext:
     cfg = build_config({"run_dir": str(run_dir)})
-    return SimpleNamespace(cfg=cfg, main=True, step=step, prep=SimpleNamespace(run_dir=run_dir))
+    adapter = {"w": torch.full((2,), float(step))}
+    return EvalContext(None, None, cfg, run_dir, 0, 1, 0, gather_adapter=lambda: adapter)  # type: ignore[arg-type]
 
 
 def test_hook_writes_best_only_on_improvement_and_resume_keeps_the_best(tmp_path, monkeypatch):
     """Scores 30 -> 50 -> 40: best/ holds step 20's adapter; a resume at step 20 keeps 50 as the bar."""
     scores = iter([30.0, 50.0, 40.0, 45.0])
     monkeypatch.setattr(
-        train_eval,
-        "_predict_and_score",
-        lambda trainer, es: ("vqav2", [], {"questions": [], "annotations": []}, {"overall": next(scores)}),
+        eval_hook,
+        "predict_and_score",
+        lambda ctx, es: Scored(
+            "vqav2", "val", [], {"questions": [], "annotations": []}, "vqa", {"overall": next(scores)}
+        ),
     )
-    monkeypatch.setattr(train_eval, "_gather_adapter", lambda t: {"w": torch.full((2,), float(t.step))})
     val = SimpleNamespace(split="val", num_samples=5, path="val")
     hook = GenerationEval(val)  # type: ignore[arg-type]
     for step, expected in ((10, 30.0), (20, 50.0), (30, 40.0)):
-        assert hook(_stub_trainer(tmp_path, step), step) == {"val/vqa_accuracy": expected}
+        assert hook(_stub_ctx(tmp_path, step), step) == {"val/vqa_accuracy": expected}
     best = json.loads((tmp_path / "best.json").read_text())
     assert (best["step"], best["metric"], best["value"]) == (20, "vqa_accuracy", 50.0)
     from safetensors.torch import load_file
@@ -98,7 +101,7 @@ def test_hook_writes_best_only_on_improvement_and_resume_keeps_the_best(tmp_path
     resumed = GenerationEval(val)  # type: ignore[arg-type]
     resumed.load_state_dict(hook.state_dict(), 30, tmp_path)  # what the step-30 checkpoint holds
     assert resumed.best == BestTracker("vqa_accuracy", 50.0, 20)
-    resumed(_stub_trainer(tmp_path, 40), 40)  # 45 < 50: best/ is not replaced
+    resumed(_stub_ctx(tmp_path, 40), 40)  # 45 < 50: best/ is not replaced
     assert json.loads((tmp_path / "best.json").read_text())["step"] == 20
 
     # a checkpoint from before this feature: best.json counts if it is not newer than the checkpoint
@@ -113,7 +116,7 @@ def test_hook_writes_best_only_on_improvement_and_resume_keeps_the_best(tmp_path
 
 
 def _tiny_cfg(tmp: Path, task: str, **eval_cfg) -> object:
-    from epalm.tiny import save_tokenizer
+    from epalm.tokenizer_trainer import save_tokenizer
 
     texts = ["what digit is this? seven one", "a handwritten digit seven", "a picture of a digit"] * 20
     tree = tiny_tree()
@@ -124,25 +127,25 @@ def _tiny_cfg(tmp: Path, task: str, **eval_cfg) -> object:
     return build_config(tree)
 
 
-def _tiny_trainer(cfg) -> SimpleNamespace:
+def _tiny_ctx(cfg) -> EvalContext:
     from epalm.data.text import build_tokenizer
     from epalm.model.epalm import build_model
 
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     tok = build_tokenizer(cfg.model.lm.tokenizer)
-    eng = SimpleNamespace(model=model, stage=0)
-    return SimpleNamespace(cfg=cfg, eng=eng, main=True, step=7, world=1, prep=SimpleNamespace(tokenizer=tok))
+    return EvalContext(model, tok, cfg, Path(cfg.run_dir), 0, 1, 0, gather_adapter=dict)
 
 
 def test_capped_vqa_eval_scores_the_generated_subset(tmp_path):
     cfg = _tiny_cfg(tmp_path, "qa")
-    trainer = _tiny_trainer(cfg)
+    ctx = _tiny_ctx(cfg)
     shards = write_vqa_shards(tmp_path / "val", [3, 4])
-    es = build_eval_split(cfg, str(shards), trainer.prep.tokenizer, DistInfo(0, 0, 1, "single"), 4)
+    es = build_eval_split(cfg, str(shards), ctx.tokenizer, DistInfo(0, 0, 1, "single"), 4)
     assert es.capped and len(es.loader) == 2 and es.num_samples == 7
     with one_torch_thread():
-        task, predictions, references, scores = train_eval._predict_and_score(trainer, es)
+        scored = eval_hook.predict_and_score(ctx, es)
+    task, predictions, references, scores = scored.task, scored.predictions, scored.references, scored.scores
     assert task == "vqav2" and [p["question_id"] for p in predictions] == [1000, 1001, 1002, 1003]
     assert len(references["annotations"]["annotations"]) == 4 and 0.0 <= scores["overall"] <= 100.0
 
@@ -150,12 +153,12 @@ def test_capped_vqa_eval_scores_the_generated_subset(tmp_path):
 def test_final_caption_eval_writes_predictions_and_scores(tmp_path):
     """The zero-shot path: a captioning run's `data.test`, all of it, scored with CIDEr into run_dir/eval/."""
     cfg = _tiny_cfg(tmp_path, "caption")
-    trainer = _tiny_trainer(cfg)
+    ctx = _tiny_ctx(cfg)
     shards = write_dataset(tmp_path / "test", [3, 2], task="caption", modality="image", prefix="t")
-    es = build_eval_split(cfg, str(shards), trainer.prep.tokenizer, DistInfo(0, 0, 1, "single"), None)
+    es = build_eval_split(cfg, str(shards), ctx.tokenizer, DistInfo(0, 0, 1, "single"), None)
     out = tmp_path / "run" / "eval"
     with one_torch_thread():
-        metrics = evaluate_to_dir(trainer, es, out, "test")
+        metrics = evaluate_to_dir(ctx, es, out, "test", step=7)
     assert set(metrics) == {"test/cider", "test/bleu4", "test/meteor"}
     summary = json.loads((out / "scores.json").read_text())
     assert summary["metric"] == "caption" and summary["num_samples"] == 5 and summary["step"] == 7
@@ -167,7 +170,7 @@ def test_final_caption_eval_writes_predictions_and_scores(tmp_path):
 
 def test_too_small_val_split_is_refused_before_training(tmp_path):
     cfg = _tiny_cfg(tmp_path, "qa")
-    tok = _tiny_trainer(cfg).prep.tokenizer
+    tok = _tiny_ctx(cfg).tokenizer
     shards = write_vqa_shards(tmp_path / "val", [1])
     with pytest.raises(ValueError, match="cannot give each of 2 ranks"):
         build_eval_split(cfg, str(shards), tok, DistInfo(0, 0, 2, "env"), None)

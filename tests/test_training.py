@@ -13,7 +13,8 @@ import torch
 
 from epalm.config import ConfigError, build_config, load_config
 from epalm.distributed import DistInfo, get_dist_info, slurm_env_exports
-from epalm.engine import OWNED_KEYS, build_ds_config, choose_optimizer, load_ds_config, lr_factor
+from epalm.ds_config import OWNED_KEYS, build_ds_config, load_ds_config
+from epalm.optimizer import choose_optimizer, lr_factor
 from tests.training_fixtures import ROOT, launch, read_jsonl, write_setup
 
 DS = ROOT / "ds_configs"
@@ -71,10 +72,10 @@ def test_optimizer_choice():
 
 
 def _prepare(config: Path, overrides=(), world_size=2, ds="zero3.json"):
-    from epalm.trainer import prepare
+    from epalm.train_setup import build_train_setup
 
     cfg = load_config(config, list(overrides))
-    return prepare(cfg, load_ds_config(DS / ds), DistInfo(0, 0, world_size, "env"), None, "fp32")
+    return build_train_setup(cfg, load_ds_config(DS / ds), DistInfo(0, 0, world_size, "env"), None, "fp32")
 
 
 def test_bad_configs_fail_before_training(tmp_path):

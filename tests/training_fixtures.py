@@ -10,9 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from epalm.distributed import cpu_child_env, free_port
+from epalm.distributed import free_port
 from tests.conftest import tiny_tree
 from tests.shard_fixtures import write_dataset
+from tests.support import cpu_child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -20,7 +21,7 @@ VENV_BIN = ROOT / ".venv" / "bin"
 
 def write_setup(tmp: Path, **train) -> Path:
     """Tokenizer + 2 shards of 16 image-QA samples + a config YAML; returns the config path."""
-    from epalm.tiny import save_tokenizer
+    from epalm.tokenizer_trainer import save_tokenizer
 
     tok = save_tokenizer(
         [f"what digit is {i}? seven one" for i in range(64)] * 4, tmp / "tok", vocab_size=300
@@ -89,7 +90,10 @@ def launch(
         ]
     else:
         raise ValueError(launcher)
-    extra = {"EPALM_FAULT": fault} if fault else {}
+    extra = {}
+    if fault:  # tests/fault_hook/sitecustomize.py reads it in every rank
+        hook = str(ROOT / "tests" / "fault_hook")
+        extra = {"EPALM_FAULT": fault, "PYTHONPATH": f"{hook}:{ROOT}"}
     return subprocess.run(cmd, env=env(**extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 

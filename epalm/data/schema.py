@@ -129,14 +129,6 @@ def check_fingerprint(manifest_fp: dict | None, expected_fp: dict) -> None:
 
 def weights_hash(state_dict: dict) -> str:
     """sha256 over a module's tensors (names sorted, dtype and shape included), 16 hex digits."""
-    import hashlib
+    from epalm.digest import state_digest
 
-    import torch
-
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        # raw bytes, so bfloat16 (which numpy lacks) hashes too
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return state_digest(state_dict, algorithm="sha256", layout=True)[:16]

@@ -113,3 +113,14 @@ def _build_hf(cfg: EncoderConfig, load: bool) -> nn.Module:
         return model_cls.from_pretrained(cfg.checkpoint or cfg.name, **cfg.config_overrides)
     # Random weights (tests) or the meta device (counting): the default configs are the base models.
     return model_cls(config_cls(**cfg.config_overrides))
+
+
+REFERENCE_SEED = 0  # random-weight encoders (pretrained: false) are built under it wherever they must agree
+
+
+def build_reference_encoder(cfg: EncoderConfig) -> FrozenEncoder:
+    """`build_encoder` under `REFERENCE_SEED`, leaving the caller's RNG untouched: the feature cache and the
+    trainer's fingerprint check get the same weights for a random encoder."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(REFERENCE_SEED)
+        return build_encoder(cfg)

@@ -74,7 +74,7 @@ class EPALM(nn.Module):
                 named += [(f"{module_name}.{n}", p) for n, p in module.named_parameters()]
         return named
 
-    def freeze_frozen(self) -> None:
+    def freeze_backbones(self) -> None:
         """requires_grad only on the adapter; the LM and encoder stay in eval mode."""
         trainable = {id(p) for _, p in self.trainable_named_parameters()}
         for p in self.parameters():
@@ -216,7 +216,7 @@ def build_model(
         visual_attention=adapter.visual_attention,
         lm_loss_weight=cfg.lm_loss_weight,
     )
-    model.freeze_frozen()
+    model.freeze_backbones()
     return model
 
 

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from epalm.tiny import save_tokenizer
+from epalm.tokenizer_trainer import save_tokenizer
 
 
 def train_texts(raw: Path) -> list[str]:

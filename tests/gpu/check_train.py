@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from bench._launch import reset_peak_rss
     from epalm.distributed import init_distributed
-    from epalm.engine import build_ds_config, build_engine, load_ds_config
+    from epalm.ds_config import build_ds_config, load_ds_config
+    from epalm.engine import build_engine
 
     t0 = time.perf_counter()
     info = init_distributed()
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ds_config = build_ds_config(load_ds_config(DS_CONFIG), cfg.train, info.world_size, "bf16", cuda)
     eng = build_engine(cfg, ds_config, total_steps=args.warmup + args.steps)
     build_s = time.perf_counter() - t0
-    engine, model = eng.engine, eng.model
+    engine, model = eng.ds_engine, eng.model
     device = engine.device
     flops, n_lm, n_enc = flops_per_sample(model, args.text_tokens)
     size = cfg.data.image_size if not args.dry_run_cpu else TINY["encoder"]["img_size"]

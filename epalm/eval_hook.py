@@ -1,6 +1,10 @@
-"""Generation metrics inside a training run: the task metric on `data.val` every `train.eval_every` steps
-(with the best adapter kept in `run_dir/best/`), and the final evaluation on `data.test` after a captioning
-run (the zero-shot COCO numbers of a CC3M-pretrained adapter). Every function here runs on every rank."""
+"""The trainer's evaluation hook: the task metric on `data.val` every `train.eval_every` steps (with the best
+adapter kept in `run_dir/best/`), and the final evaluation on `data.test` after a captioning run (the
+zero-shot COCO numbers of a CC3M-pretrained adapter). Every function here runs on every rank.
+
+It sees the run only through an `EvalContext`, never the trainer; generation, references, scoring and the
+output files are `epalm.evaluate`'s, shared with `eval.run`.
+"""
 
 from __future__ import annotations
 
@@ -8,60 +12,59 @@ import itertools
 import json
 import logging
 import math
-import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from epalm import checkpoint as ckpt
+from epalm.atomic import write_text_atomic
 from epalm.config import Config
 from epalm.data.loader import DatasetSpec, ResumableLoader, build_eval_loader
 from epalm.data.resumable import eval_batches_per_rank
 from epalm.data.stream import load_manifest
 from epalm.distributed import DistInfo
 from epalm.evaluate import (
-    MEDIA_ID,
-    build_references,
+    PRIMARY,
+    Scored,
     gather_predictions,
-    load_shard_metas,
-    metric_name,
+    headline,
     predict,
-    record_key,
-    score,
-    write_references,
+    score_split,
+    task_for,
+    write_outputs,
 )
-
-if TYPE_CHECKING:
-    from epalm.trainer import Trainer
+from epalm.references import load_shard_metas
 
 log = logging.getLogger(__name__)
 
 BEST_DIR, BEST_FILE, EVAL_DIR = "best", "best.json", "eval"
-# the number each metric is judged by, on the paper's scale (percent; CIDEr x 100 as papers print it)
-PRIMARY = {"vqa": "vqa_accuracy", "qa": "accuracy", "vqa_label_score": "accuracy", "caption": "cider"}
-CAPTION_KEYS = {"cider": "CIDEr", "bleu4": "Bleu_4", "meteor": "METEOR"}
+
+
+@dataclass
+class EvalContext:
+    """What an evaluation needs from a training run, passed in explicitly."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    cfg: Config
+    run_dir: Path
+    rank: int
+    world_size: int
+    zero_stage: int
+    gather_adapter: Callable[[], dict[str, torch.Tensor]]  # collective under ZeRO: every rank calls it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
 def eval_task(cfg: Config, metas: list[dict] | None = None) -> str:
     """The `epalm.evaluate.TASKS` entry for a training config: official VQA v2 only with 10 raw answers."""
-    d = cfg.data
-    if d.task == "caption":
-        return "audio_caption" if d.modality == "audio" else "caption"
-    if d.modality == "video":
-        return "video_qa"
-    return "vqav2" if metas is None or all(m.get("raw_answers") for m in metas) else "gqa"
-
-
-def headline(metric: str, scores: dict) -> dict[str, float]:
-    """The logged numbers of a scores dict, primary first, on the paper's scale."""
-    if metric == "vqa":
-        return {"vqa_accuracy": float(scores["overall"])}
-    if metric in ("qa", "vqa_label_score"):
-        return {"accuracy": float(scores["accuracy"])}
-    return {k: 100.0 * float(scores[v]) for k, v in CAPTION_KEYS.items() if v in scores}
+    return task_for(cfg.data.task, cfg.data.modality, metas)
 
 
 @dataclass
@@ -95,10 +98,8 @@ def load_best(run_dir: str | Path) -> dict | None:
 
 def save_best(run_dir: str | Path, best: BestTracker, extra: dict | None = None) -> None:
     """Atomic write of best.json (after the adapter export, so it never names a missing one)."""
-    path = Path(run_dir) / BEST_FILE
-    tmp = path.with_name(f".{BEST_FILE}.tmp")
-    tmp.write_text(json.dumps({**best.state_dict(), "adapter": BEST_DIR, **(extra or {})}, indent=1))
-    os.replace(tmp, path)
+    record = {**best.state_dict(), "adapter": BEST_DIR, **(extra or {})}
+    write_text_atomic(Path(run_dir) / BEST_FILE, json.dumps(record, indent=1))
 
 
 class _FirstBatches:
@@ -130,7 +131,7 @@ class EvalSplit:
 def build_eval_split(
     cfg: Config, path: str, tokenizer: Any, info: DistInfo, max_samples: int | None
 ) -> EvalSplit:
-    """Raises ValueError/OSError on a bad split, so `prepare` can refuse it before training."""
+    """Raises ValueError/OSError on a bad split, so the run setup can refuse it before training."""
     manifest, _ = load_manifest(path)
     n = int(manifest["num_samples"])
     bs = cfg.eval.batch_size
@@ -168,39 +169,29 @@ def _problem(cfg: Config, metas: list[dict]) -> str | None:
     return None
 
 
-def _predict_and_score(trainer: Trainer, es: EvalSplit) -> tuple[str, list[dict], dict, dict | None]:
-    """Generate on every rank (ZeRO-3 lockstep), gather; rank 0 scores. (task, predictions, refs, scores)."""
-    cfg = trainer.cfg
+def predict_and_score(ctx: EvalContext, es: EvalSplit) -> Scored | None:
+    """Generate on every rank (ZeRO-3 lockstep), gather; rank 0 scores (None on the other ranks)."""
+    cfg = ctx.cfg
     records = predict(
-        trainer.eng.model,
+        ctx.model,
         es.loader,
-        trainer.prep.tokenizer,
+        ctx.tokenizer,
         task=cfg.data.task,
         num_beams=cfg.eval.num_beams,
         max_new_tokens=cfg.eval.max_new_tokens,
-        synced_gpus=trainer.eng.stage == 3,  # pitfalls: ZeRO-3 generation deadlocks without it
+        # ZeRO-3 shards every layer: a rank that stops generating early leaves the others waiting in
+        # its all-gathers (HF generate's `synced_gpus` exists for the same reason)
+        synced_gpus=ctx.zero_stage == 3,
         use_cache=cfg.eval.use_cache,
     )
     predictions = gather_predictions(records, expected=None if es.capped else es.num_samples)
     if es.metas is None:
-        return "", [], {}, None
-    metas = es.metas
-    task = eval_task(cfg, metas)
-    position = {_sample_key(cfg, m): i for i, m in enumerate(metas)}
-    if es.capped:  # score against the samples that were generated, as `eval.vqa --subset` would
-        keys = {record_key(r) for r in predictions}
-        metas = [m for m in metas if _sample_key(cfg, m) in keys]
-    predictions.sort(key=lambda r: position.get(record_key(r), len(position)))  # manifest order
-    references = build_references(task, metas, es.split)
-    if not references:
-        return task, predictions, {}, None
-    return task, predictions, references, score(task, predictions, references, spice=False)
-
-
-def _sample_key(cfg: Config, meta: dict) -> Any:
-    if cfg.data.task == "qa":
-        return meta["question_id"]
-    return meta.get(MEDIA_ID[cfg.data.modality], meta["id"])
+        return None
+    task = eval_task(cfg, es.metas)
+    # capped: score against the samples that were generated, as `eval.vqa --subset` would
+    return score_split(
+        task, predictions, es.metas, es.split, cfg.data.modality, subset=es.capped, spice=False
+    )
 
 
 def _broadcast(obj: Any) -> Any:
@@ -211,7 +202,7 @@ def _broadcast(obj: Any) -> Any:
 
 
 class GenerationEval:
-    """Eval hook (`Prepared.eval_hooks`): the task metric on `data.val`, best adapter kept by it.
+    """The eval hook: the task metric on `data.val`, best adapter kept by it; the final test evaluation.
 
     Its `state_dict` rides in each checkpoint's trainer state, so `--resume auto` keeps the best so far.
     """
@@ -222,26 +213,26 @@ class GenerationEval:
         self.val, self.test = val, test
         self.best = BestTracker()
 
-    def __call__(self, trainer: Trainer, step: int) -> dict[str, float]:
+    def __call__(self, ctx: EvalContext, step: int) -> dict[str, float]:
         if self.val is None:  # a captioning run with data.test but no data.val: only `final` has work
             return {}
-        task, _, references, scores = _predict_and_score(trainer, self.val)
+        scored = predict_and_score(ctx, self.val)
         metrics, metric = {}, None
-        if scores is not None:
-            metric = metric_name(task, references)
-            metrics = {f"val/{k}": v for k, v in headline(metric, scores).items()}
-        elif trainer.main:
+        if scored is not None and scored.scores is not None:
+            metric = scored.metric
+            metrics = {f"val/{k}": v for k, v in headline(metric, scored.scores).items()}
+        elif ctx.main:
             log.warning("%s has no ground truth: no generation metric, no best checkpoint", self.val.path)
         metrics, metric = _broadcast((metrics, metric))
         if metric is None:
             return metrics
         primary = PRIMARY[metric]
         if self.best.update(primary, metrics[f"val/{primary}"], step):
-            adapter = _gather_adapter(trainer)  # collective under ZeRO-3: every rank takes part
-            if trainer.main:
-                ckpt.save_adapter(adapter, trainer.cfg, trainer.prep.run_dir / BEST_DIR)
+            adapter = ctx.gather_adapter()  # collective under ZeRO-3: every rank takes part
+            if ctx.main:
+                ckpt.save_adapter(adapter, ctx.cfg, ctx.run_dir / BEST_DIR)
                 extra = {"split": self.val.split, "num_samples": self.val.num_samples}
-                save_best(trainer.prep.run_dir, self.best, extra | {"metrics": metrics})
+                save_best(ctx.run_dir, self.best, extra | {"metrics": metrics})
                 log.info("step %d: new best %s %.4f -> %s", step, primary, self.best.value, BEST_DIR)
         return metrics
 
@@ -255,47 +246,27 @@ class GenerationEval:
             state = found if found and (found.get("step") or 0) <= step else None
         self.best = BestTracker.from_dict(state)
 
-    def final(self, trainer: Trainer) -> dict[str, float]:
+    def final(self, ctx: EvalContext, step: int) -> dict[str, float]:
         """Evaluate on `data.test` and write predictions, references and scores to `run_dir/eval/`."""
         if self.test is None:
             return {}
-        return evaluate_to_dir(trainer, self.test, trainer.prep.run_dir / EVAL_DIR, "test")
+        return evaluate_to_dir(ctx, self.test, ctx.run_dir / EVAL_DIR, "test", step)
 
 
-def _gather_adapter(trainer: Trainer) -> dict:
-    from epalm.engine import gather_adapter_state
-
-    return gather_adapter_state(trainer.eng.model)
-
-
-def evaluate_to_dir(trainer: Trainer, es: EvalSplit, out: Path, prefix: str) -> dict[str, float]:
+def evaluate_to_dir(ctx: EvalContext, es: EvalSplit, out: Path, prefix: str, step: int) -> dict[str, float]:
     """Generate + score `es`; rank 0 writes `<task>_<split>_results.json`, references, scores.json."""
-    task, predictions, references, scores = _predict_and_score(trainer, es)
+    scored = predict_and_score(ctx, es)
     metrics: dict[str, float] = {}
-    if trainer.main:
-        out.mkdir(parents=True, exist_ok=True)
-        name = f"{task}_{es.split}"
-        (out / f"{name}_results.json").write_text(json.dumps(predictions))
-        paths = write_references(references, out, name)
-        metric = metric_name(task, references) if references else None
-        if scores is not None:
-            metrics = {f"{prefix}/{k}": v for k, v in headline(metric, scores).items()}
-        summary = {
-            "task": task,
-            "split": es.split,
+    if scored is not None:
+        settings = {
             "shards": es.path,
-            "step": trainer.step,
-            "num_samples": len(predictions),
-            "num_beams": trainer.cfg.eval.num_beams,
-            "max_new_tokens": trainer.cfg.eval.max_new_tokens,
-            "world_size": trainer.world,
-            "results": f"{name}_results.json",
-            "references": {k: p.name for k, p in paths.items()},
-            "metric": metric,
-            "scores": scores,
-            "headline": metrics,
+            "step": step,
+            "num_beams": ctx.cfg.eval.num_beams,
+            "max_new_tokens": ctx.cfg.eval.max_new_tokens,
+            "world_size": ctx.world_size,
         }
-        (out / "scores.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary = write_outputs(scored, out, settings, headline_prefix=f"{prefix}/")
+        metrics = summary.get("headline", {})
     return _broadcast(metrics)
 
 
@@ -315,18 +286,3 @@ def build_generation_eval(cfg: Config, tokenizer: Any, info: DistInfo) -> Genera
     if val is None and test is None:
         return None
     return GenerationEval(val, test)
-
-
-def final_outputs(trainer: Trainer) -> None:
-    """After a completed run: the test split of a captioning run, then report.md. Every rank calls it."""
-    final = trainer.prep.final_eval
-    if final is not None and final.test is not None:
-        trainer.eng.engine.eval()
-        trainer.metrics.log_eval(trainer.step, final.final(trainer))
-    if trainer.main:
-        from epalm.report import write_report
-
-        try:  # a plotting problem must not turn a finished run into a failed job
-            log.info("report: %s", write_report(trainer.prep.run_dir))
-        except Exception as e:  # noqa: BLE001
-            log.warning("report.md not written: %s", e)

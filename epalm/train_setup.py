@@ -1,0 +1,113 @@
+"""Everything a training run needs that can be built and checked before the model: the DeepSpeed config
+with our batch arithmetic, the optimizer choice, the tokenizer, the loaders (with feature fingerprints),
+the evaluation hook and the checkpoint to resume from. A problem here is a ConfigError, raised the same
+on every rank, so no rank waits for another that failed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from epalm import checkpoint as ckpt
+from epalm.config import Config, ConfigError
+from epalm.data import schema
+from epalm.data.loader import DatasetSpec, ResumableLoader, build_train_loader
+from epalm.data.text import build_tokenizer
+from epalm.distributed import DistInfo
+from epalm.ds_config import build_ds_config
+from epalm.eval_hook import GenerationEval, build_generation_eval
+from epalm.optimizer import choose_optimizer
+
+
+@dataclass
+class TrainSetup:
+    """The checked inputs of one training run on this rank."""
+
+    cfg: Config
+    info: DistInfo
+    ds_config: dict
+    loader: ResumableLoader
+    val_loaders: list[ResumableLoader]
+    tokenizer: Any
+    total_steps: int
+    resume_from: Path | None
+    run_dir: Path
+    evaluation: GenerationEval | None = None  # the generation metric on data.val and/or the final test eval
+
+
+def build_train_setup(
+    cfg: Config, ds_base: dict, info: DistInfo, resume: str | None, precision: str | None
+) -> TrainSetup:
+    """Batch arithmetic, optimizer, shards, fingerprints, resume path; raises ConfigError."""
+    cuda = torch.cuda.is_available()
+    ds_config = build_ds_config(ds_base, cfg.train, info.world_size, precision, cuda)
+    choose_optimizer(cfg.train.optimizer, cuda)
+    if not cfg.data.train:
+        raise ConfigError(["data.train: no training datasets"])
+    loader_kwargs = dict(
+        batch_size=cfg.train.micro_batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=cfg.train.seed,
+        image_size=cfg.data.image_size,
+        normalization=cfg.data.normalization,
+        answer_only=cfg.model.answer_only_loss,
+        double_question_mark=cfg.model.double_question_mark,
+    )
+    try:
+        tokenizer = build_tokenizer(cfg.model.lm.tokenizer or cfg.model.lm.name)
+        fingerprint = expected_fingerprint(cfg) if cfg.data.use_features else None
+        specs = [_spec(cfg, d.path, d.weight, fingerprint) for d in cfg.data.train]
+        loader = build_train_loader(specs, tokenizer, num_workers=cfg.data.num_workers, **loader_kwargs)
+        # built now so a bad validation set fails before training; reset to its start at each evaluation
+        val_loaders = (
+            [build_train_loader([_spec(cfg, cfg.data.val, 1.0, fingerprint)], tokenizer, **loader_kwargs)]
+            if cfg.data.val
+            else []
+        )
+        evaluation = build_generation_eval(cfg, tokenizer, info)
+    except (OSError, ValueError) as e:
+        raise ConfigError([f"data: {e}"]) from e
+    accum = ds_config["gradient_accumulation_steps"]
+    total = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(loader) / accum)
+    run_dir = Path(cfg.run_dir)
+    resume_from = resume_path(resume, run_dir)
+    return TrainSetup(
+        cfg, info, ds_config, loader, val_loaders, tokenizer, total, resume_from, run_dir, evaluation
+    )
+
+
+def _spec(cfg: Config, path: str, weight: float, fingerprint: dict | None) -> DatasetSpec:
+    d = cfg.data
+    return DatasetSpec(path, d.task, d.modality, weight, d.use_features, fingerprint)
+
+
+def expected_fingerprint(cfg: Config) -> dict:
+    """What the feature cache recorded for this encoder (random encoders built under the same seed)."""
+    from epalm.model.encoders import build_reference_encoder
+
+    encoder = build_reference_encoder(cfg.model.encoder)
+    d = cfg.data
+    return schema.encoder_fingerprint(
+        cfg.model.encoder, encoder.state_dict(), d.modality, d.image_size, d.num_frames, d.normalization
+    )
+
+
+def resume_path(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint `--resume` names: `auto` (the newest in run_dir, or none), a step dir, or a root."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return ckpt.find_latest(run_dir / "checkpoints")
+    path = Path(resume)
+    if (path / ckpt.TRAINER_STATE).is_file():
+        return path
+    latest = ckpt.find_latest(path)
+    if latest is None:
+        raise ConfigError([f"--resume {resume}: neither a checkpoint nor a directory with '{ckpt.LATEST}'"])
+    return latest

@@ -1,0 +1,92 @@
+"""Test-only fault injection for training subprocesses; the library knows nothing of it.
+
+A test puts this directory first on PYTHONPATH and sets EPALM_FAULT=kind:step[:rank]; Python imports
+`sitecustomize` at start-up, and this one patches `epalm.trainer` and `epalm.checkpoint` as they load:
+  kill_after_step:N   SIGKILL right after optimizer step N
+  sigterm_at_step:N   SIGTERM to itself right after step N (the trainer checkpoints and exits 75)
+  kill_in_save:N      SIGKILL in the middle of step N's checkpoint (after DeepSpeed's files, before the rest)
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import os
+import signal
+import sys
+
+_SPEC = os.environ.get("EPALM_FAULT", "")
+
+
+def _parse():
+    kind, step, *rank = _SPEC.split(":")
+    return kind, int(step), int(rank[0]) if rank else None
+
+
+def _mine(kind: str, step: int) -> bool:
+    want_kind, want_step, want_rank = _parse()
+    from epalm.distributed import get_dist_info  # imported by now: the trainer is running
+
+    my_rank = get_dist_info().rank
+    return kind == want_kind and step == want_step and want_rank in (None, my_rank)
+
+
+def _patch_trainer(module) -> None:
+    original = module.Trainer._train_step
+
+    def train_step(self, window):
+        original(self, window)
+        done = self.step + 1  # the loop increments `step` right after this returns
+        if _mine("kill_after_step", done):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if _mine("sigterm_at_step", done):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    module.Trainer._train_step = train_step
+
+
+def _patch_checkpoint(module) -> None:
+    original = module.save_training_state
+
+    def save_training_state(engine, root, step, *args, **kwargs):
+        if _mine("kill_in_save", step):
+            save = engine.save_checkpoint
+
+            def save_then_die(*a, **k):
+                save(*a, **k)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            engine.save_checkpoint = save_then_die
+        return original(engine, root, step, *args, **kwargs)
+
+    module.save_training_state = save_training_state
+
+
+_PATCHES = {"epalm.trainer": _patch_trainer, "epalm.checkpoint": _patch_checkpoint}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: wraps the real loader of the patched modules to patch them once executed."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _PATCHES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            _PATCHES[name](module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if _SPEC:
+    sys.meta_path.insert(0, _PatchOnImport())
