@@ -157,7 +157,7 @@ every rank, then ZeRO-3 partitions it). Frozen params resident: bytes of frozen 
 ZeRO-3 keeps {frozen_ratio:.2f} of ZeRO-0's frozen bytes per rank (ideal 1/{NPROC}), and its step takes
 {step_ratio:.1f}x ZeRO-2's: on gloo it all-gathers the whole frozen LM in the forward and again in the
 backward of every step. Prefer ZeRO-2 (or 0) while the frozen model fits one device; ZeRO-3 is for
-memory, not speed (docs/training.md, pitfalls: "ZeRO-3 can be slower than ZeRO-2"). The process RSS is
+memory, not speed (docs/training.md, DeepSpeed's ZeRO tutorial: stage 3 trades communication for memory, https://www.deepspeed.ai/tutorials/zero/). The process RSS is
 nevertheless higher under ZeRO-3 here (peak in steps {peak_ratio:.2f}x ZeRO-0's): a step gathers the whole LM
 (`stage3_max_live_parameters` 1e9 in ds_configs/zero3.json lets all of it be live at once) on top of the shards
 and ZeRO-3's own buffers, and at 125M parameters the ~120 MiB saved on frozen weights does not show. Whether a

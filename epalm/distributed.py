@@ -98,8 +98,7 @@ def exit_process(code: int) -> NoReturn:
 
     Call it after `shutdown_distributed()`, when every file is written. The C++ destructors of the
     communication stack (gloo, Open MPI, DeepSpeed's shared-memory op) occasionally abort (SIGABRT, exit
-    134) after all the work is done: about one two-rank CPU run in 20-40 here, also seen in cpu-stack
-    §2.7. A finished run must not report failure, so output is flushed and the process leaves at once.
+    134) after all the work is done: about one two-rank CPU run in 20-40 on our CPU machines. A finished run must not report failure, so output is flushed and the process leaves at once.
     """
     import logging
     import sys

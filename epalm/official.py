@@ -1,6 +1,6 @@
 """Load the original eP-ALM project's released adapter checkpoints into this model.
 
-Their files hold only the connector and the prompt (reference §1.2, §1.7), under the keys
+Their files hold only the connector and the prompt (docs/model.md), under the keys
   connector.{i}.weight / .bias                    -> connector.layers.{i}.*
   prompt_module.prefix_embedding.0.weight         -> prompt.embedding.weight
   prompt_module.prefix_embedding.{1,3}.weight/bias -> prompt.mlp.{0,2}.*   (MLP reparameterisation)

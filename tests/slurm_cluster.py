@@ -1,7 +1,8 @@
 """A private single-machine SLURM for tests (docs/cluster.md): munged + slurmctld + slurmd run out of a
 temp dir on random free ports, and are stopped by PID; also the demo data the cluster tests train on.
 
-The recipe (and why cred_expire=5, sched_interval=1) is in /work/shared/docs/slurm-local.md.
+The settings (why cred_expire=5, sched_interval=1) are explained where they are written below; see
+https://slurm.schedmd.com/slurm.conf.html and https://slurm.schedmd.com/munge.html for the keys.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def test_logits_equal_stock_for_350m_style_projection_and_post_norm():
 
 
 def test_schedule_32_layers_matches_reference_table():
-    # reference §1.4: layers 19,20 <- block 7 of 12 (state 0) ... 29,30 <- block 12 (state 5); 31 none
+    # docs/model.md, "Injection": layers 19,20 <- block 7 of 12 (state 0) ... 29,30 <- block 12 (state 5); 31 none
     mapping = layer_to_state(19, 31, 6)
     expected = {19: 0, 20: 0, 21: 1, 22: 1, 23: 2, 24: 2, 25: 3, 26: 3, 27: 4, 28: 4, 29: 5, 30: 5}
     assert mapping == expected

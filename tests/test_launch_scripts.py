@@ -100,7 +100,7 @@ def test_mpi_train_sh_runs_the_demo(tmp_path):
     cmd = ["bash", str(ROOT / "launch/mpi/train.sh"), *demo_overrides(data, tmp_path / "run", 3)]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     summary_path = tmp_path / "run" / "summary.json"
-    # Open MPI occasionally aborts in teardown after a finished run (docs/cpu-stack.md 2.7): judge the run
+    # Open MPI occasionally aborts in teardown after a finished run (epalm.distributed.exit_process explains): judge the run
     assert summary_path.exists(), (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
     summary = json.loads(summary_path.read_text())
     assert summary["step"] == 3 and len(summary["adapter_digests"]) == 2

@@ -9,7 +9,7 @@ from epalm.official import convert_official_state_dict, load_official_checkpoint
 
 
 def _official_state(model) -> dict:
-    """A state dict with the original eP-ALM key names and shapes (reference §1.2)."""
+    """A state dict with the original eP-ALM key names and shapes (docs/model.md, "Differences from the original")."""
     torch.manual_seed(5)
     state = {}
     for i, layer in enumerate(model.connector.layers):

@@ -43,7 +43,7 @@ SCHEMA_VERSION = 1
 #   audiocap_ids, start_time (AudioCaps CSV), full_answer (GQA), url (CC3M img2dataset).
 #   `answers` is [] when the split has no ground truth (VQA v2 test, GQA challenge test).
 
-# Audio front end (reference §2): the fbank is computed once at build time with these settings.
+# Audio front end (docs/data.md): the fbank is computed once at build time with these settings.
 AUDIO_SAMPLE_RATE = 16000
 AUDIO_NUM_MEL_BINS = 128
 AUDIO_TARGET_LENGTH = 1024

@@ -1,4 +1,4 @@
-"""Text formats of eP-ALM (reference §1.6, §4): QA and caption strings, tokenisation and label masks."""
+"""Text formats of eP-ALM (docs/model.md, "Loss and text"): QA and caption strings, tokenisation and label masks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Media transforms of eP-ALM (reference §2): image/video crop+flip or resize, normalisation, audio fbank.
+"""Media transforms of eP-ALM (docs/data.md): image/video crop+flip or resize, normalisation, audio fbank.
 
 Every random transform draws from a `random.Random` passed in by the caller, seeded per sample, so
 augmentation is reproducible and survives a loader resume without storing any RNG state.
@@ -16,7 +16,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    # The original normalises with CLIP statistics even for the augreg ViT (reference §2).
+    # The original normalises with CLIP statistics even for the augreg ViT (docs/model.md).
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),

@@ -1,5 +1,5 @@
 """Frozen perception encoders. Each returns the [CLS] token of each of its last K blocks, after the encoder's
-final norm (reference §1.3): images through timm ViTs, video through transformers' TimeSformer, audio
+final norm (docs/model.md): images through timm ViTs, video through transformers' TimeSformer, audio
 through transformers' AST.
 
 Input shapes: image (B, 3, H, W); video (B, T, 3, H, W); audio fbank (B, 1024, 128). Output (B, K, D).

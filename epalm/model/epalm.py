@@ -172,7 +172,7 @@ class EPALM(nn.Module):
 
 
 def summed_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample summed next-token cross-entropy (B,), as the original (reference §1.6).
+    """Per-sample summed next-token cross-entropy (B,), as the original (docs/model.md, "Loss and text").
 
     Logits at position t predict labels at t+1; IGNORE_INDEX labels (padding, and the question
     with answer-only loss) contribute nothing.

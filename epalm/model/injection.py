@@ -1,4 +1,4 @@
-"""eP-ALM's injection (reference §1.4-1.5): run a stock OPT layer by layer, prepend the soft prompt to the
+"""eP-ALM's injection (docs/model.md, "Injection"): run a stock OPT layer by layer, prepend the soft prompt to the
 input embeddings, and inject one perceptual token at position 0 of LM layers [start, end).
 
 The token is prepended before the first injected layer (the sequence grows by one) and replaces
