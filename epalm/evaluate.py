@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from epalm.config import Config
 from epalm.data import schema
+from epalm.data.length_order import length_sorted
 from epalm.data.stream import iter_range, load_manifest
 from epalm.generation import decode_generated, generate
 
@@ -96,13 +97,21 @@ def predict(
     synced_gpus: bool = False,
     use_cache: bool = True,
     progress: bool = False,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    sort_window: int = 16,
 ) -> list[dict]:
     """Generate for every batch of `loader` (this rank's part) and return one record per sample.
 
     `task` is an eval task (`TASKS`) or a loader task ("qa" / "caption"). QA records are
     `{"question_id", "answer"}`, caption records `{"image_id", "caption"}` (the media id). With
     `synced_gpus` (ZeRO-3), a rank with fewer batches repeats generation on its last batch, output
-    discarded, until every rank has made the same number of generate calls.
+    discarded, until every rank has made the same number of generate calls. Batches are re-cut by prompt
+    length `sort_window` loader batches at a time (`epalm.data.length_order`); records keep the loader's order.
+    Sampling (`do_sample`) draws from one `torch.Generator` seeded with `seed` for the whole run.
     """
     kind = TASKS[task].kind if task in TASKS else task
     if kind not in schema.TASKS:
@@ -114,9 +123,11 @@ def predict(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="generate", unit="batch")
-    records: list[dict] = []
     inputs: dict | None = None
     done = 0
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
 
     def run(batch: dict) -> torch.Tensor:
         return generate(
@@ -131,11 +142,17 @@ def predict(
             max_new_tokens=max_new_tokens,
             use_cache=use_cache,
             synced_gpus=synced_gpus,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
         )
 
-    for batch in loader:
+    positioned: list[tuple[int, dict]] = []
+    for batch, positions in length_sorted(loader, sort_window, tokenizer.pad_token_id):
         texts = decode_generated(tokenizer, run(batch))
-        records += _to_records(kind, batch["modality"], batch["meta"], texts)
+        positioned += zip(positions, _to_records(kind, batch["modality"], batch["meta"], texts))
         inputs, done = batch, done + 1
         if bar is not None:
             bar.update()
@@ -150,7 +167,7 @@ def predict(
                 bar.update()
     if bar is not None:
         bar.close()
-    return records
+    return [r for _, r in sorted(positioned, key=lambda pr: pr[0])]  # the loader's order
 
 
 def gather_predictions(records: list[dict], expected: int | None = None) -> list[dict]:

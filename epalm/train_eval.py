@@ -180,6 +180,12 @@ def _predict_and_score(trainer: Trainer, es: EvalSplit) -> tuple[str, list[dict]
         max_new_tokens=cfg.eval.max_new_tokens,
         synced_gpus=trainer.eng.stage == 3,  # pitfalls: ZeRO-3 generation deadlocks without it
         use_cache=cfg.eval.use_cache,
+        do_sample=cfg.eval.do_sample,
+        temperature=cfg.eval.temperature,
+        top_k=cfg.eval.top_k,
+        top_p=cfg.eval.top_p,
+        seed=cfg.eval.seed,
+        sort_window=cfg.eval.sort_window,
     )
     predictions = gather_predictions(records, expected=None if es.capped else es.num_samples)
     if es.metas is None:

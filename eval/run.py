@@ -167,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         synced_gpus=args.synced_gpus,
         use_cache=cfg.eval.use_cache,
         progress=info.rank == 0 and not args.no_progress,
+        do_sample=cfg.eval.do_sample,
+        temperature=cfg.eval.temperature,
+        top_k=cfg.eval.top_k,
+        top_p=cfg.eval.top_p,
+        seed=cfg.eval.seed,
+        sort_window=cfg.eval.sort_window,
     )
     predictions = gather_predictions(records, expected=settings["num_samples"])
     code = report(args, predictions, settings) if info.rank == 0 else 0
