@@ -177,12 +177,10 @@ def predict_and_score(ctx: EvalContext, es: EvalSplit) -> Scored | None:
         es.loader,
         ctx.tokenizer,
         task=cfg.data.task,
-        num_beams=cfg.eval.num_beams,
-        max_new_tokens=cfg.eval.max_new_tokens,
+        decoding=cfg.eval,
         # ZeRO-3 shards every layer: a rank that stops generating early leaves the others waiting in
         # its all-gathers (HF generate's `synced_gpus` exists for the same reason)
         synced_gpus=ctx.zero_stage == 3,
-        use_cache=cfg.eval.use_cache,
     )
     predictions = gather_predictions(records, expected=None if es.capped else es.num_samples)
     if es.metas is None:

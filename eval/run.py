@@ -10,6 +10,7 @@ have no answers), the references built from the shards, and `scores.json`; print
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -177,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         loader,
         tokenizer,
         task=args.task,
-        num_beams=settings["num_beams"],
-        max_new_tokens=settings["max_new_tokens"],
+        decoding=dataclasses.replace(
+            cfg.eval, num_beams=settings["num_beams"], max_new_tokens=settings["max_new_tokens"]
+        ),
         synced_gpus=args.synced_gpus,
-        use_cache=cfg.eval.use_cache,
         progress=info.rank == 0 and not args.no_progress,
     )
     predictions = gather_predictions(records, expected=settings["num_samples"])
