@@ -35,6 +35,7 @@ from epalm.engine import (
     full_frozen_digest,
     gather_adapter_state,
 )
+from epalm.resume import agreed_resume
 from epalm.train_eval import GenerationEval, build_generation_eval, final_outputs
 from epalm.train_metrics import MetricWriter, Window, tensor_digest
 
@@ -101,7 +102,7 @@ def prepare(
     accum = ds_config["gradient_accumulation_steps"]
     total = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(loader) / accum)
     run_dir = Path(cfg.run_dir)
-    resume_from = _resume_path(resume, run_dir)
+    resume_from = agreed_resume(resume, run_dir, info)  # verified; a bad newest step is skipped
     hooks = [generation] if generation is not None and generation.val is not None else []
     return Prepared(
         cfg, info, ds_config, loader, val_loaders, tokenizer, total, resume_from, run_dir, hooks, generation
@@ -124,20 +125,6 @@ def _expected_fingerprint(cfg: Config) -> dict:
     return schema.encoder_fingerprint(
         cfg.model.encoder, encoder.state_dict(), d.modality, d.image_size, d.num_frames, d.normalization
     )
-
-
-def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "auto":
-        return ckpt.find_latest(run_dir / "checkpoints")
-    path = Path(resume)
-    if (path / ckpt.TRAINER_STATE).is_file():
-        return path
-    latest = ckpt.find_latest(path)
-    if latest is None:
-        raise ConfigError([f"--resume {resume}: neither a checkpoint nor a directory with '{ckpt.LATEST}'"])
-    return latest
 
 
 class Trainer:
