@@ -131,7 +131,7 @@ def supervise(cmd: list[str], poll_s: float = 0.2) -> int:
             if pid:
                 continue
             if pending:
-                tree.stop(f"got SIG{pending[0]}")  # again each round: ranks that register later get it too
+                tree.stop(f"got {pending[0]}")  # again each round: ranks that register later get it too
             live = tree.live()
             if child_code is not None:
                 if not live:
@@ -142,9 +142,11 @@ def supervise(cmd: list[str], poll_s: float = 0.2) -> int:
             time.sleep(poll_s)
         codes = tree.exit_codes()
         ranks = tree.ranks()
-    stopped = bool(ranks) and all(codes.get(pid) == EXIT_REQUEUE for pid in ranks)
-    if child_code == EXIT_REQUEUE or stopped:
+    same = {codes.get(pid) for pid in ranks}
+    if child_code == EXIT_REQUEUE or same == {EXIT_REQUEUE}:
         return EXIT_REQUEUE
+    if len(same) == 1 and None not in same:
+        return same.pop()  # every rank ended alike (e.g. 2): say so, whatever the launcher made of it
     return child_code if child_code >= 0 else 128 - child_code
 
 

@@ -68,6 +68,27 @@ def tensor_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep only the rows of `path` logged at or before `step` (and no torn last line); return how many went."""
+    if not path.exists():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            row_step = None  # a line cut short by a kill
+        if row_step is not None and row_step <= step:
+            keep.append(line + "\n")
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+    return dropped
+
+
 class MetricWriter:
     """Rank 0 writes; other ranks hold a do-nothing writer so the loop has no rank checks."""
 
@@ -79,7 +100,9 @@ class MetricWriter:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        self.tb = SummaryWriter(str(run_dir / "tb"))
+        # rows and events past the resumed step belong to the lost progress: drop them, or they repeat
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        truncate_metrics(run_dir / METRICS_FILE, start_step)
         self.jsonl = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 (open for the run's lifetime)
         self.bar = tqdm(
             total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0

@@ -36,6 +36,7 @@ from epalm.engine import (
     gather_adapter_state,
 )
 from epalm.resume import agreed_resume
+from epalm.supervisor import stop_requested_early
 from epalm.train_eval import GenerationEval, build_generation_eval, final_outputs
 from epalm.train_metrics import MetricWriter, Window, tensor_digest
 
@@ -173,6 +174,7 @@ class Trainer:
     def fit(self) -> int:
         """Train to total_steps; return 0, or EXIT_REQUEUE after a signal-triggered checkpoint."""
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        self._stop = self._stop or stop_requested_early()  # a signal during the model build counts too
         try:
             self._start()
             self.eng.engine.train()
