@@ -4,7 +4,6 @@ real SLURM. The ranks are tests/signal_rank.py (no torch: cheap); one real 2-ran
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
