@@ -23,7 +23,7 @@ import torch.distributed as dist
 from epalm import checkpoint as ckpt
 from epalm.config import Config, ConfigError, save_config
 from epalm.data import schema
-from epalm.data.loader import DatasetSpec, ResumableLoader, build_train_loader
+from epalm.data.loader import DatasetSpec, ResumableLoader, build_train_loader, io_options
 from epalm.data.text import build_tokenizer
 from epalm.distributed import DistInfo
 from epalm.engine import (
@@ -83,6 +83,7 @@ def prepare(
         normalization=cfg.data.normalization,
         answer_only=cfg.model.answer_only_loss,
         double_question_mark=cfg.model.double_question_mark,
+        **io_options(cfg.data),
     )
     try:
         tokenizer = build_tokenizer(cfg.model.lm.tokenizer or cfg.model.lm.name)
@@ -202,7 +203,8 @@ class Trainer:
                 self.metrics.advance(self.step)
                 self.fault.after_step(self.step)
                 if self.step % self.cfg.train.log_every == 0 or self.step == total:
-                    self.metrics.log(self.step, window.reduce(self.world), self._lrs())
+                    metrics = {**window.reduce(self.world), **self.prep.loader.skip_metrics(self.device)}
+                    self.metrics.log(self.step, metrics, self._lrs())
                     window = Window()
                 if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
                     self.evaluate()
