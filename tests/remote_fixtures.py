@@ -75,9 +75,8 @@ def serve(root: Path) -> Iterator[ShardServer]:
 
 def replace_member(tar_path: Path, name: str, data: bytes) -> None:
     """Rewrite `tar_path` with member `name`'s bytes replaced (the other members unchanged, in order)."""
-    src = tarfile.open(tar_path)
-    members = [(info, src.extractfile(info).read()) for info in src.getmembers()]
-    src.close()
+    with tarfile.open(tar_path) as src:
+        members = [(info, src.extractfile(info).read()) for info in src.getmembers()]
     with tarfile.open(tar_path, "w") as out:
         for info, body in members:
             body = data if info.name == name else body
