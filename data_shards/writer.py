@@ -90,14 +90,22 @@ def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
         os.fsync(f.fileno())
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def load_done(out: Path, name: str, bid: str) -> dict | None:
     """The shard's done-record if it is finished and current, else None."""
     try:
         done = json.loads((out / schema.done_record_name(name)).read_text())
     except (OSError, ValueError):
         return None
-    if done.get("build_id") != bid:
-        return None
+    if done.get("build_id") != bid or (done["num_samples"] and "sha256" not in done):
+        return None  # stale, or from before the manifest recorded checksums
     if done["num_samples"] and not ((out / name).is_file() and (out / name).stat().st_size == done["bytes"]):
         return None
     return done
@@ -139,6 +147,7 @@ def build_shard(task: ShardTask) -> dict:
         "num_records": len(task.records),
         "num_samples": len(samples),
         "bytes": (out / name).stat().st_size if samples else 0,
+        "sha256": file_sha256(out / name) if samples else None,
         "skipped": dict(sorted(Counter(r for _, r, _ in skipped).items())),
         "skipped_samples": skipped,
     }
@@ -204,7 +213,12 @@ def make_manifest(
     skipped = Counter(parse_skipped)
     for d in done:
         skipped.update(d["skipped"])
-    shards = [{"name": d["name"], "num_samples": d["num_samples"]} for d in done if d["num_samples"]]
+    # bytes and sha256 let the loader find a missing, truncated or replaced shard before training
+    shards = [
+        {"name": d["name"], "num_samples": d["num_samples"], "bytes": d["bytes"], "sha256": d["sha256"]}
+        for d in done
+        if d["num_samples"]
+    ]
     num_samples = sum(s["num_samples"] for s in shards)
     return {
         "schema_version": schema.SCHEMA_VERSION,
