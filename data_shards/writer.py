@@ -1,20 +1,24 @@
 """Shard writing: records cut into fixed-size shards, built in parallel worker processes, each written
-atomically (`.tmp` + os.replace, then a done-record), so a re-run skips finished shards; plus the manifest."""
+atomically (`.tmp` + os.replace, then a done-record), so a re-run skips finished shards; plus the manifest.
+
+Tars are written with webdataset's TarWriter. `--out` is a local directory: the atomic rename and the
+done-records need a filesystem (an fsspec URL for --out is not supported; copy the finished directory up).
+"""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing as mp
 import os
 import re
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import webdataset as wds
 
 from data_shards.media import SkipSample, extract, npy_bytes
 from data_shards.sources.base import Record
@@ -76,16 +80,13 @@ def write_json_atomic(path: Path, obj: object) -> None:
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    """A tar with fixed metadata (mtime 0, root:root, 0644) and sorted members: same samples -> same bytes."""
+    """A tar with fixed metadata (mtime 0, uid/gid 0 with empty names, 0644, USTAR) and sorted members, written
+    by webdataset's TarWriter: same samples -> same bytes. (Its ShardWriter is not used: it numbers shards as
+    it fills them, one writer at a time, while a build here writes planned shards in parallel workers.)"""
     with open(path, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        with wds.TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False) as writer:
             for key, members in samples:
-                for ext in sorted(members):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.mode = len(members[ext]), 0, 0o644
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tf.addfile(info, io.BytesIO(members[ext]))
+                writer.write({"__key__": key, **members})
         f.flush()
         os.fsync(f.fileno())
 
