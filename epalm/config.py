@@ -94,10 +94,10 @@ class DataConfig:
     normalization: Literal["clip", "imagenet", "half"] = "clip"
     use_features: bool = False
     num_workers: int = 2
-    unsafe_members: Literal["error", "skip"] = "error"  # a member outside schema.SAFE_EXTENSIONS: stop, or drop it
-    retries: int = 3  # tries after the first for a remote shard or manifest that fails (backoff 0.5 s, 1 s, 2 s...)
+    unsafe_members: Literal["error", "skip"] = "error"  # a non-SAFE_EXTENSIONS member: stop, or drop it
+    retries: int = 3  # retries of a failing remote shard or manifest (backoff 0.5 s, 1 s, 2 s, ...)
     cache_dir: str | None = None  # keep a local copy of every remote shard here; later epochs read it
-    max_skip_fraction: float = 0.05  # stop when more than this share of a worker's samples in an epoch is skipped
+    max_skip_fraction: float = 0.05  # stop past this share of a worker's epoch skipped as bad samples
     verify_checksums: bool = False  # check each local shard's sha256 against the manifest before training
 
 
