@@ -111,6 +111,11 @@ class DataConfig:
     normalization: Literal["clip", "imagenet", "half"] = "clip"  # pixel mean/std (the original used clip)
     use_features: bool = False  # read pre-computed encoder states instead of media (no encoder built)
     num_workers: int = 2  # DataLoader worker processes per rank
+    unsafe_members: Literal["error", "skip"] = "error"  # a non-SAFE_EXTENSIONS member: stop, or drop it
+    retries: int = 3  # retries of a failing remote shard or manifest (backoff 0.5 s, 1 s, 2 s, ...)
+    cache_dir: str | None = None  # keep a local copy of every remote shard here; later epochs read it
+    max_skip_fraction: float = 0.05  # stop past this share of a worker's epoch skipped as bad samples
+    verify_checksums: bool = False  # check each local shard's sha256 against the manifest before training
 
 
 @dataclass(frozen=True)

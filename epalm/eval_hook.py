@@ -23,7 +23,7 @@ import torch.distributed as dist
 from epalm import checkpoint as ckpt
 from epalm.atomic import write_text_atomic
 from epalm.config import Config
-from epalm.data.loader import DatasetSpec, ResumableLoader, build_eval_loader
+from epalm.data.loader import DatasetSpec, ResumableLoader, build_eval_loader, io_options
 from epalm.data.resumable import eval_batches_per_rank
 from epalm.data.stream import load_manifest
 from epalm.distributed import DistInfo
@@ -148,6 +148,7 @@ def build_eval_split(
         image_size=d.image_size,
         normalization=d.normalization,
         double_question_mark=cfg.model.double_question_mark,
+        **io_options(d),
     )
     capped = max_samples is not None and n > max_samples
     # every rank reads a contiguous slice: its first batches are its share of the first ~max_samples

@@ -15,7 +15,7 @@ import torch
 
 from epalm.config import Config, ConfigError
 from epalm.data import schema
-from epalm.data.loader import DatasetSpec, ResumableLoader, build_train_loader
+from epalm.data.loader import DatasetSpec, ResumableLoader, build_train_loader, io_options
 from epalm.data.text import build_tokenizer
 from epalm.distributed import DistInfo
 from epalm.ds_config import build_ds_config
@@ -58,6 +58,7 @@ def build_train_setup(
         normalization=cfg.data.normalization,
         answer_only=cfg.model.answer_only_loss,
         double_question_mark=cfg.model.double_question_mark,
+        **io_options(cfg.data),
     )
     try:
         tokenizer = build_tokenizer(cfg.model.lm.tokenizer or cfg.model.lm.name)

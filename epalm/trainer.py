@@ -109,7 +109,8 @@ class Trainer:
                 self.step += 1
                 self.metrics.advance(self.step)
                 if self.step % self.cfg.train.log_every == 0 or self.step == total:
-                    self.metrics.log(self.step, window.reduce(self.world), self._lrs())
+                    metrics = {**window.reduce(self.world), **self.setup.loader.skip_metrics(self.device)}
+                    self.metrics.log(self.step, metrics, self._lrs())
                     window = Window()
                 if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
                     self.evaluate()
