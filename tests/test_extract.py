@@ -111,7 +111,10 @@ def test_encoder_failures_are_skipped_and_counted_and_other_encoders_refused(dat
     media.mkdir()
     for p in (data / "media").iterdir():
         (media / p.name).write_bytes(p.read_bytes())
-    with tarfile.open(data / "media" / "val-000001.tar") as src, tarfile.open(media / "val-000001.tar", "w") as dst:
+    with (
+        tarfile.open(data / "media" / "val-000001.tar") as src,
+        tarfile.open(media / "val-000001.tar", "w") as dst,
+    ):
         for m in src.getmembers():
             payload = src.extractfile(m).read()
             if m.name == "000000002.jpg":
@@ -180,10 +183,9 @@ def test_kill9_then_sigterm_then_rerun_is_byte_identical(data, one_rank):
 
 
 def _train(data: Path, shards: Path, run: Path) -> list[float]:
+    from epalm.tiny import save_tokenizer
     from tests.conftest import tiny_tree
     from tests.training_fixtures import read_jsonl
-
-    from epalm.tiny import save_tokenizer
 
     tok = data / "tok"
     if not tok.exists():
