@@ -211,3 +211,34 @@ def test_training_on_extracted_features_reaches_the_builders_loss(data, one_rank
     extracted = _train(data, one_rank, data / "run_extracted")
     built = _train(data, data / "built", data / "run_built")
     assert len(extracted) == 3 and extracted == built
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_extract_sbatch_two_tasks_on_local_slurm(data, one_rank):
+    from tests.slurm_cluster import SlurmCluster, install_slurm
+
+    reason = install_slurm()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(cpus=2, gpus=2).start()
+    try:
+        out = data / "slurm_out"
+        env = cpu_child_env(
+            SHARDS=str(data / "media"), ENCODER=str(data / "enc.yaml"), OUT=str(out), PYTHON=PY,
+            MASTER_PORT=str(free_port()),
+        )  # fmt: skip
+        options = (
+            "--ntasks-per-node=2",
+            "--gpus-per-node=2",
+            "--cpus-per-task=1",
+            f"--output={data}/slurm.out",
+        )
+        job = cluster.sbatch(ROOT / "launch/slurm/extract.sbatch", "--workers", "0", options=options, env=env)
+        info = cluster.wait(job, timeout=300)
+        log = (data / "slurm.out").read_text(errors="replace")
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+        assert "2 tasks on 1 node(s)" in log and "on 2 rank(s)" in log
+        assert digests(out) == digests(one_rank)
+    finally:
+        cluster.stop()
