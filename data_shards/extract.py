@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-skip-fraction", type=float, default=0.05, help="of the samples, encoder failures")
     p.add_argument("--timeout-minutes", type=int, default=600, help="how long ranks wait for each other")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS
+    )  # the deepspeed launcher's
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         p.error("--batch-size must be >= 1 and --workers >= 0")
