@@ -25,7 +25,7 @@ DS_CONFIG = "ds_configs/zero3.json"
 COMMAND = "nice -n 19 python -m bench.run scale"
 SHARD_BYTES = 2 * 2**30
 STEPS, SAVE_EVERY = 2, 1
-MIN_AVAILABLE = 1.5 * 2**30  # abort (kill the run) below this much free memory: the machine is shared
+MIN_AVAILABLE = 1.0 * 2**30  # abort (kill the run) below this much free memory: the machine is shared
 GIB = 2**30
 
 

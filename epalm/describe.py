@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     parser.add_argument("--gpus", type=int, help="print the per-GPU memory plan for this many GPUs")
     parser.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3), help="ZeRO stage (default 3)")
-    parser.add_argument("--micro-batch", type=int, help="per-GPU micro-batch (default train.micro_batch_size)")
+    parser.add_argument(
+        "--micro-batch", type=int, help="per-GPU micro-batch (default train.micro_batch_size)"
+    )
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--text-tokens", type=int, default=32, help="text length per sample (default 32)")
     args = parser.parse_args(argv)

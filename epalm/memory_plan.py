@@ -110,7 +110,9 @@ def plan_memory(
     state = trainable_state_bytes(trainable, gpus, zero, precision)
     acts = lm_activation_bytes(cfg, model.lm.config, micro, text_tokens, precision)
     rows += state + acts
-    if zero == 3:  # not in the three totals: what ZeRO-3 holds gathered while a layer runs (two layers' worth)
+    if (
+        zero == 3
+    ):  # not in the three totals: what ZeRO-3 holds gathered while a layer runs (two layers' worth)
         layer = sum(q.numel() for q in model.lm.model.decoder.layers[0].parameters())
         rows.append(("(ZeRO-3 gathered working set, ~2 LM layers)", 2 * layer * bpe))
     return MemoryPlan(

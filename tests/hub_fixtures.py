@@ -100,7 +100,9 @@ def write_hf_encoder(kind: str, out: Path, seed: int = 0):
 
     torch.manual_seed(seed)
     if kind == "timesformer":
-        model = TimesformerModel(TimesformerConfig(image_size=32, patch_size=16, num_frames=2, **TINY_HF_ENCODER))
+        model = TimesformerModel(
+            TimesformerConfig(image_size=32, patch_size=16, num_frames=2, **TINY_HF_ENCODER)
+        )
     else:
         model = ASTModel(ASTConfig(max_length=64, num_mel_bins=32, **TINY_HF_ENCODER))
     model.save_pretrained(out)

@@ -88,7 +88,10 @@ def run_layout(lm_dir: Path, vit_file: Path, world: int, rank: int) -> dict:
     g = torch.Generator().manual_seed(rank)
     ids = torch.randint(4, 300, (2, 12), generator=g)
     batch = dict(
-        input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone(), media=torch.randn(2, 3, 16, 16)
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        labels=ids.clone(),
+        media=torch.randn(2, 3, 16, 16),
     )
     eng.engine.train()
     losses = []
