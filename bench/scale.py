@@ -34,8 +34,8 @@ SMOKE_LM = dict(
 )  # EPALM_SCALE_SMOKE=1
 
 
-def write_random_opt(out: Path, overrides: dict | None = None) -> Path:
-    """Random OPT-6.7B (std 0.02, LayerNorms at 1/0) in bf16 as `model-0000k-of-0000n.safetensors` + index,
+def write_random_opt(out: Path, overrides: dict | None = None, arch: str = "6.7b") -> Path:
+    """Random OPT-`arch` (std 0.02, LayerNorms at 1/0) in bf16 as `model-0000k-of-0000n.safetensors` + index,
     written one tensor at a time (peak ~1 shard in memory). Reused when the index is there."""
     import torch
     from safetensors.torch import save_file
@@ -47,7 +47,7 @@ def write_random_opt(out: Path, overrides: dict | None = None) -> Path:
     if index_path.is_file():
         return out
     lm = build_language_model(
-        LMConfig(name="6.7b", pretrained=False, dtype="bfloat16", config_overrides=overrides or {}),
+        LMConfig(name=arch, pretrained=False, dtype="bfloat16", config_overrides=overrides or {}),
         device="meta",
     )
     names = [(k, tuple(v.shape)) for k, v in lm.state_dict().items() if k != "lm_head.weight"]
@@ -209,11 +209,11 @@ def main() -> str:
     import psutil
 
     smoke = os.environ.get("EPALM_SCALE_SMOKE") == "1"  # a 32-layer OPT of width 64: checks the bench itself
-    weights = write_random_opt(
-        CACHE / ("opt-smoke" if smoke else "opt-6.7b-random-bf16"), SMOKE_LM if smoke else None
-    )
+    arch = os.environ.get("EPALM_SCALE_LM", "6.7b")  # "2.7b" (also 32 layers) where 6.7B does not fit
+    name = "opt-smoke" if smoke else f"opt-{arch}-random-bf16"
+    weights = write_random_opt(CACHE / name, SMOKE_LM if smoke else None, arch)
     tok, train = write_data(CACHE / "data")
-    runs = CACHE / ("runs-smoke" if smoke else "runs")
+    runs = CACHE / f"runs-{name}"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir()
     avail = psutil.virtual_memory().available
@@ -229,11 +229,11 @@ def main() -> str:
 
     straight = launch(runs / "straight", overrides(runs / "straight"))
     results = {"straight": straight}
-    if straight["rc"] == 0:
+    if straight["rc"] == 0 and os.environ.get("EPALM_SCALE_RESUME", "1") == "1":
         killed = launch(runs / "resumed", overrides(runs / "resumed"), fault=f"kill_after_step:{STEPS}")
         resumed = launch(runs / "resumed", overrides(runs / "resumed"), "--resume", "auto")
         results.update(killed=killed, resumed=resumed)
-    (CACHE / "scale_result.json").write_text(json.dumps(results, indent=1, default=str))
+    (runs / "scale_result.json").write_text(json.dumps(results, indent=1, default=str))
     return report(results, weights, runs, avail)
 
 
