@@ -181,10 +181,9 @@ def test_adapter_export_respects_the_umask(tmp_path):
 
 
 def test_adapter_export_works_from_another_directory(tmp_path, monkeypatch, tiny_model):
-    from epalm.tokenizer_trainer import save_tokenizer
-
     from epalm.checkpoint import save_adapter
     from epalm.evaluate import load_eval_model
+    from epalm.tokenizer_trainer import save_tokenizer
 
     work = tmp_path / "work"
     work.mkdir()
