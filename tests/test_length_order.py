@@ -25,7 +25,9 @@ def _batches(sizes: list[int], seed: int = 0) -> list[dict]:
             mask[i, width - n :] = 1
         media = torch.arange(position, position + size, dtype=torch.float32)[:, None, None].expand(-1, 3, 2)
         meta = [{"question_id": position + i} for i in range(size)]
-        out.append({"input_ids": ids, "attention_mask": mask, "media": media, "meta": meta, "modality": "image"})
+        out.append(
+            {"input_ids": ids, "attention_mask": mask, "media": media, "meta": meta, "modality": "image"}
+        )
         position += size
     return out
 
@@ -38,7 +40,9 @@ def test_recut_keeps_every_row_with_its_position_and_removes_padding():
     sizes = [8, 8, 8, 8, 8, 3]
     original = _batches(sizes)
     recut = list(length_sorted(original, window=4, pad_token_id=PAD))
-    assert [len(b["input_ids"]) for b, _ in recut] == sizes  # same batch count and sizes: ZeRO-3 lockstep holds
+    assert [
+        len(b["input_ids"]) for b, _ in recut
+    ] == sizes  # same batch count and sizes: ZeRO-3 lockstep holds
     positions = [p for _, ps in recut for p in ps]
     assert sorted(positions) == list(range(sum(sizes)))
     flat = {}
