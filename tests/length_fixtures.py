@@ -10,7 +10,27 @@ from pathlib import Path
 from epalm.data import schema
 from tests.shard_fixtures import add_member, jpeg_bytes
 
-WORDS = "what which where is are the a of on in color shape left right man dog this that there".split()
+WORDS = [
+    "what",
+    "which",
+    "where",
+    "is",
+    "are",
+    "the",
+    "a",
+    "of",
+    "on",
+    "in",
+    "color",
+    "shape",
+    "left",
+    "right",
+    "man",
+    "dog",
+    "this",
+    "that",
+    "there",
+]
 
 
 def varied_question(rng: random.Random, min_words: int = 3, max_words: int = 18) -> str:
