@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-MODULES = ["generation", "builder", "loader", "zero", "features", "preemption"]
+MODULES = ["generation", "eval_padding", "builder", "loader", "zero", "features", "preemption"]
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nWritten by `make bench` (`python -m bench.run`). Machine: {machine}.\n"
 
