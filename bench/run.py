@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-MODULES = ["generation", "builder", "loader", "zero", "features", "preemption", "extract"]
+MODULES = ["generation", "builder", "loader", "zero", "features", "preemption", "extract", "eval_padding"]
 OPT_IN = ["scale"]  # run only when named (`python -m bench.run scale`): ~40 min, ~20 GB RAM, 14 GB disk
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nWritten by `make bench` (`python -m bench.run`). Machine: {machine}.\n"

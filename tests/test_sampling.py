@@ -124,3 +124,15 @@ def test_first_token_follows_the_models_softmax(tiny_model, temperature, top_k, 
     assert stat < threshold, f"chi-square {stat:.1f} >= {threshold:.1f} (df {df})"
     wrong = _filtered_softmax(logits, temperature * 1.5, top_k, top_p)
     assert _chi_square(counts, wrong, draws)[0] > 2 * threshold
+
+
+def test_config_refuses_sampling_with_beams_and_bad_settings():
+    from epalm.config import build_config
+    from tests.conftest import tiny_tree
+
+    ok = build_config(tiny_tree() | {"eval": {"do_sample": True, "num_beams": 1, "top_k": 0, "seed": None}})
+    assert ok.eval.do_sample and ok.eval.top_k == 0 and ok.eval.seed is None
+    with pytest.raises(ValueError, match="eval.do_sample.*num_beams=1"):
+        build_config(tiny_tree() | {"eval": {"do_sample": True}})
+    with pytest.raises(ValueError, match="temperature > 0"):
+        build_config(tiny_tree() | {"eval": {"temperature": 0.0}})
