@@ -12,7 +12,7 @@ import io
 import tempfile
 from pathlib import Path
 
-from epalm.tiny import save_tokenizer
+from epalm.tokenizer_trainer import save_tokenizer
 
 from epalm.data.length_order import length_sorted
 from epalm.data.loader import DatasetSpec, build_eval_loader
