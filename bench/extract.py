@@ -18,11 +18,11 @@ from epalm.distributed import free_port
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 CASES = {  # name: (encoder tree, modality, samples, samples per shard)
-    "ViT-B/16, 224x224": ({"kind": "vit", "name": "vit_base_patch16_224"}, "image", 48, 6),
+    "ViT-B/16, 224x224": ({"kind": "vit", "name": "vit_base_patch16_224"}, "image", 32, 4),
     "TimeSformer-B, 8 frames": (
         {"kind": "timesformer", "name": "facebook/timesformer-base-finetuned-k600"},
         "video",
-        8,
+        4,
         1,
     ),
 }
@@ -70,7 +70,13 @@ def measure(name: str, tmp: Path) -> dict:
 
     enc, modality, n, per_shard = CASES[name]
     root = tmp / modality
-    build = _raw(root, modality, n) + ["--split", "val", "--samples-per-shard", str(per_shard), "--no-progress"]
+    build = _raw(root, modality, n) + [
+        "--split",
+        "val",
+        "--samples-per-shard",
+        str(per_shard),
+        "--no-progress",
+    ]
     config = root / "enc.yaml"
     tree = {"model": {"encoder": {**enc, "pretrained": False, "num_states": 6}}, "data": {"image_size": 224}}
     config.write_text(yaml.safe_dump(tree))
