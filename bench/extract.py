@@ -18,11 +18,11 @@ from epalm.distributed import free_port
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 CASES = {  # name: (encoder tree, modality, samples, samples per shard)
-    "ViT-B/16, 224x224": ({"kind": "vit", "name": "vit_base_patch16_224"}, "image", 48, 6),
+    "ViT-B/16, 224x224": ({"kind": "vit", "name": "vit_base_patch16_224"}, "image", 32, 4),
     "TimeSformer-B, 8 frames": (
         {"kind": "timesformer", "name": "facebook/timesformer-base-finetuned-k600"},
         "video",
-        8,
+        4,
         1,
     ),
 }
