@@ -12,11 +12,10 @@ import io
 import tempfile
 from pathlib import Path
 
-from epalm.tokenizer_trainer import save_tokenizer
-
 from epalm.data.length_order import length_sorted
 from epalm.data.loader import DatasetSpec, build_eval_loader
 from epalm.data.text import build_tokenizer
+from epalm.tokenizer_trainer import save_tokenizer
 
 BATCH, WINDOW, VARIED = 16, 16, 1000
 
