@@ -219,6 +219,7 @@ def write_shard(out: Path, name: str, bid: str, fp: dict, state: InFlight) -> di
         "num_records": len(state.samples),
         "num_samples": len(samples),
         "bytes": (out / name).stat().st_size if samples else 0,
+        "sha256": writer.file_sha256(out / name) if samples else None,
         "skipped": dict(sorted(Counter(r for _, r, _ in skipped).items())),
         "skipped_samples": skipped,
     }

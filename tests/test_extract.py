@@ -208,9 +208,6 @@ def _train(data: Path, shards: Path, run: Path) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="UNVERIFIED: its single-process launch/train.py runs timed out (300 s) on the loaded dev machine"
-)
 def test_training_on_extracted_features_reaches_the_builders_loss(data, one_rank):
     extracted = _train(data, one_rank, data / "run_extracted")
     built = _train(data, data / "built", data / "run_built")
