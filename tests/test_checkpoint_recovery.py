@@ -149,7 +149,9 @@ def test_full_disk_during_a_save_names_the_path(tmp_path):
         assert str(disk / ".tmp-step_00000006") in str(e.value)
         assert (disk / "latest").read_text() == "step_00000003"  # the previous checkpoint is intact
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)  # lazy: an open handle must not leave it mounted
+        subprocess.run(
+            ["umount", "-l", str(disk)], check=False
+        )  # lazy: an open handle must not leave it mounted
 
 
 def test_full_disk_message_without_errno(tmp_path, monkeypatch):
