@@ -13,7 +13,8 @@ import re
 import sys
 from pathlib import Path
 
-MODULES = ["generation", "builder", "loader", "zero", "features", "preemption"]
+MODULES = ["generation", "builder", "loader", "zero", "features", "preemption", "extract", "eval_padding"]
+OPT_IN = ["scale"]  # run only when named (`python -m bench.run scale`): ~40 min, ~20 GB RAM, 14 GB disk
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nWritten by `make bench` (`python -m bench.run`). Machine: {machine}.\n"
 
@@ -37,8 +38,9 @@ def main(argv: list[str] | None = None) -> None:
         sections[name] = f"<!-- bench:{name} -->\n{body.rstrip()}\n"
         print(body, flush=True)
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}"
-    ordered = [sections[n] for n in MODULES if n in sections] + [
-        v for k, v in sections.items() if k not in MODULES
+    known = MODULES + OPT_IN
+    ordered = [sections[n] for n in known if n in sections] + [
+        v for k, v in sections.items() if k not in known
     ]
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(HEADER.format(machine=machine) + "\n" + "\n".join(ordered))

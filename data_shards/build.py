@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 
         modality = loaded.records[0].modality
         try:
-            encoder = make_spec(args.encoder, args.encoder_layers, modality, args.image_size, args.num_frames)
+            encoder, _ = make_spec(
+                args.encoder, args.encoder_layers, modality, args.image_size, args.num_frames
+            )
         except Exception as e:  # a bad config, unknown model name, weights not downloadable offline, ...
             print(
                 f"error: cannot build the encoder {args.encoder!r}: {type(e).__name__}: {e}", file=sys.stderr

@@ -1,20 +1,24 @@
 """Shard writing: records cut into fixed-size shards, built in parallel worker processes, each written
-atomically (`.tmp` + os.replace, then a done-record), so a re-run skips finished shards; plus the manifest."""
+atomically (`.tmp` + os.replace, then a done-record), so a re-run skips finished shards; plus the manifest.
+
+Tars are written with webdataset's TarWriter. `--out` is a local directory: the atomic rename and the
+done-records need a filesystem (an fsspec URL for --out is not supported; copy the finished directory up).
+"""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing as mp
 import os
 import re
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import webdataset as wds
 
 from data_shards.media import extract
 from data_shards.sources.base import Record
@@ -72,18 +76,23 @@ def build_id(task: ShardTask) -> str:
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    """A tar with fixed metadata (mtime 0, root:root, 0644) and sorted members: same samples -> same bytes."""
+    """A tar with fixed metadata (mtime 0, uid/gid 0 with empty names, 0644, USTAR) and sorted members, written
+    by webdataset's TarWriter: same samples -> same bytes. (Its ShardWriter is not used: it numbers shards as
+    it fills them, one writer at a time, while a build here writes planned shards in parallel workers.)"""
     with open(path, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        with wds.TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False) as writer:
             for key, members in samples:
-                for ext in sorted(members):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.mode = len(members[ext]), 0, 0o644
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tf.addfile(info, io.BytesIO(members[ext]))
+                writer.write({"__key__": key, **members})
         f.flush()
         os.fsync(f.fileno())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_done(out: Path, name: str, bid: str) -> dict | None:
@@ -92,8 +101,8 @@ def load_done(out: Path, name: str, bid: str) -> dict | None:
         done = json.loads((out / schema.done_record_name(name)).read_text())
     except (OSError, ValueError):
         return None
-    if done.get("build_id") != bid:
-        return None
+    if done.get("build_id") != bid or (done["num_samples"] and "sha256" not in done):
+        return None  # stale, or from before the manifest recorded checksums
     if done["num_samples"] and not ((out / name).is_file() and (out / name).stat().st_size == done["bytes"]):
         return None
     return done
@@ -135,6 +144,7 @@ def build_shard(task: ShardTask) -> dict:
         "num_records": len(task.records),
         "num_samples": len(samples),
         "bytes": (out / name).stat().st_size if samples else 0,
+        "sha256": file_sha256(out / name) if samples else None,
         "skipped": dict(sorted(Counter(r for _, r, _ in skipped).items())),
         "skipped_samples": skipped,
     }
@@ -200,7 +210,12 @@ def make_manifest(
     skipped = Counter(parse_skipped)
     for d in done:
         skipped.update(d["skipped"])
-    shards = [{"name": d["name"], "num_samples": d["num_samples"]} for d in done if d["num_samples"]]
+    # bytes and sha256 let the loader find a missing, truncated or replaced shard before training
+    shards = [
+        {"name": d["name"], "num_samples": d["num_samples"], "bytes": d["bytes"], "sha256": d["sha256"]}
+        for d in done
+        if d["num_samples"]
+    ]
     num_samples = sum(s["num_samples"] for s in shards)
     return {
         "schema_version": schema.SCHEMA_VERSION,

@@ -1,14 +1,18 @@
-"""Checkpoints. The adapter export: trainable weights only, safetensors + the resolved config, written atomically
-(`save_adapter` / `load_adapter`, HF-style directories of a few megabytes, shareable). And the resumable training
-state (`save_training_state` / `load_training_state` / `find_latest`): DeepSpeed's trainable-only files, optimizer,
-scheduler, loader position, per-rank RNG states and the step, committed atomically through a `latest` pointer."""
+"""Checkpoints. The adapter export: trainable weights only, safetensors + the resolved config (paths made
+absolute), written atomically with the umask's permissions (`save_adapter` / `load_adapter`, HF-style
+directories of a few megabytes, shareable). And the resumable training state (`save_training_state` /
+`load_training_state`): DeepSpeed's trainable-only files, optimizer, scheduler, loader position, per-rank RNG
+states and the step, a manifest of sizes and checksums written last, committed through a `latest` pointer.
+Which checkpoint to resume from is `epalm.resume`'s business."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,7 +22,9 @@ import numpy as np
 import torch
 
 from epalm.atomic import write_text_atomic
+from epalm.checkpoint_manifest import TRAINER_STATE, read_trainer_state, verify_checkpoint, write_manifest
 from epalm.config import Config, load_config, save_config
+from epalm.resume import LATEST, TAG, read_latest, tag_for
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "config.yaml"
@@ -34,7 +40,8 @@ def save_adapter(state: dict[str, torch.Tensor], cfg: Config, out_dir: str | Pat
     try:
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
-        save_config(cfg, tmp / ADAPTER_CONFIG)
+        save_config(absolute_paths(cfg), tmp / ADAPTER_CONFIG)
+        _apply_umask(tmp)  # mkdtemp makes 0700 and safetensors 0600: colleagues must be able to read it
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -46,6 +53,51 @@ def save_adapter(state: dict[str, torch.Tensor], cfg: Config, out_dir: str | Pat
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """`cfg` with every relative path that exists from here made absolute, so the export works from anywhere."""
+
+    def fix(value: str | None) -> str | None:
+        if not value or Path(value).is_absolute() or not Path(value).exists():
+            return value  # also hub ids and architecture keys ("facebook/opt-2.7b", "125m")
+        return str(Path(value).resolve())
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    lm = dataclasses.replace(m.lm, name=fix(m.lm.name), tokenizer=fix(m.lm.tokenizer))
+    enc = dataclasses.replace(m.encoder, name=fix(m.encoder.name), checkpoint=fix(m.encoder.checkpoint))
+    data = dataclasses.replace(
+        d,
+        train=[dataclasses.replace(x, path=fix(x.path)) for x in d.train],
+        val=fix(d.val),
+        test=fix(d.test),
+    )
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(m, lm=lm, encoder=enc),
+        data=data,
+        train=dataclasses.replace(t, init_adapter=fix(t.init_adapter)),
+        run_dir=fix(cfg.run_dir),
+    )
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask can only be read by setting it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(root: Path) -> None:
+    mask = _umask()
+    root.chmod(0o777 & ~mask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def load_adapter(path: str | Path, overrides: list[str] = ()) -> tuple[dict[str, torch.Tensor], Config]:
@@ -60,30 +112,6 @@ def load_adapter(path: str | Path, overrides: list[str] = ()) -> tuple[dict[str,
 
 
 # --------------------------------------------------------------------------- resumable training state
-
-LATEST = "latest"  # a file holding the tag of the newest complete checkpoint (same format as DeepSpeed's)
-TRAINER_STATE = "trainer_state.json"
-_TAG = re.compile(r"^step_(\d{8,})$")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def find_latest(root: str | Path) -> Path | None:
-    """The newest committed checkpoint under `root`, or None. Uncommitted (temporary) directories never count."""
-    tag = _read_latest(Path(root))
-    if tag is None:
-        return None
-    pointer, path = Path(root) / LATEST, Path(root) / tag
-    if not _TAG.match(tag) or not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"{pointer} names {tag!r}, which is not a complete checkpoint")
-    return path
-
-
-def _read_latest(root: Path) -> str | None:
-    pointer = root / LATEST
-    return pointer.read_text().strip() if pointer.is_file() else None
 
 
 def rng_state() -> dict:
@@ -144,43 +172,93 @@ def save_training_state(
         for stale in root.glob(".tmp-step_*"):  # left by a crash: never committed
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True)
     tmp = root / tmp_tag
-    torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
-    if rank == 0 and adapter_state is not None and cfg is not None:
-        save_adapter(adapter_state, cfg, tmp / "adapter")
+    with _writing(tmp):
+        engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True)
+        torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+        if rank == 0 and adapter_state is not None and cfg is not None:
+            save_adapter(adapter_state, cfg, tmp / "adapter")
     if rank == 0:
-        write_text_atomic(tmp / TRAINER_STATE, json.dumps({**trainer_state, "step": step}, indent=1))
+        with _writing(tmp):
+            write_text_atomic(tmp / TRAINER_STATE, json.dumps({**trainer_state, "step": step}, indent=1))
     barrier()
     if rank == 0:
         final = root / tag
         if final.exists():
-            if _read_latest(root) == tag:
+            if read_latest(root) == tag:
                 raise FileExistsError(f"{final} is the committed checkpoint; refusing to overwrite it")
             shutil.rmtree(final)  # a leftover that `latest` never pointed to
+        with _writing(tmp):
+            write_manifest(tmp)  # last: a directory with a manifest that verifies is complete
         os.replace(tmp, final)
-        write_text_atomic(root / LATEST, tag)
+        with _writing(root / LATEST):
+            write_text_atomic(root / LATEST, tag)
         _prune(root, keep_last, keep=tag)
     barrier()
     return root / tag
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the message names the path, and says so when the disk is full)."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Turn a failed write (torch says only `basic_ios::clear: iostream error`) into one naming `path`."""
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except Exception as e:
+        where = path if path.exists() else path.parent
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            free = None
+        chain, err = [], e
+        while err is not None:
+            chain.append(err)
+            err = err.__cause__ or err.__context__
+        full = any(getattr(x, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for x in chain) or any(
+            "No space left" in str(x) or "quota" in str(x).lower() for x in chain
+        )
+        if full or (free is not None and free < _NEARLY_FULL):
+            raise CheckpointWriteError(
+                errno.ENOSPC,
+                f"writing the checkpoint {path} failed: no space left on device ({free} bytes free there). "
+                f"The previous checkpoint (`latest`) is intact; free space and resume with --resume auto "
+                f"(original error: {e})",
+            ) from e
+        raise CheckpointWriteError(f"writing the checkpoint {path} failed: {type(e).__name__}: {e}") from e
+
+
+_NEARLY_FULL = 1 << 20  # bytes: a failed write with less than this left is a full disk
+
+
 def load_training_state(engine, path: str | Path, *, rank: int) -> dict:
-    """Restore engine (trainable weights, optimizer, scheduler) and this rank's RNGs; return the trainer state."""
+    """Restore engine (trainable weights, optimizer, scheduler) and this rank's RNGs; return the trainer state.
+
+    `path` should have passed `verify_checkpoint` (rank 0 does it in `epalm.resume`); any failure here is
+    still reported with the checkpoint's path and the problems a verification finds.
+    """
     path = Path(path)
-    load_path, _ = engine.load_checkpoint(
-        str(path.parent),
-        tag=path.name,
-        load_module_strict=False,  # frozen weights are not in the checkpoint: they come from their source
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
-    if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed found no checkpoint in {path}")
-    state = json.loads((path / TRAINER_STATE).read_text())
-    rng_file = path / f"rng_rank{rank:05d}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+    try:
+        state = read_trainer_state(path)
+        load_path, _ = engine.load_checkpoint(
+            str(path.parent),
+            tag=path.name,
+            load_module_strict=False,  # frozen weights are not in the checkpoint: they come from their source
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if load_path is None:
+            raise FileNotFoundError("DeepSpeed found no checkpoint files")
+        rng_file = path / f"rng_rank{rank:05d}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        problems = "; ".join(verify_checkpoint(path, checksums=False)) or "no file problem found"
+        raise RuntimeError(f"cannot load the checkpoint {path}: {e} ({problems})") from e
     return state
 
 
@@ -188,7 +266,7 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
     """Delete all but the newest `keep_last` committed checkpoints (0 keeps all)."""
     if keep_last <= 0:
         return
-    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name))
+    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and TAG.match(p.name))
     for name in tags[:-keep_last]:
         if name != keep:
             shutil.rmtree(root / name, ignore_errors=True)

@@ -111,6 +111,11 @@ class DataConfig:
     normalization: Literal["clip", "imagenet", "half"] = "clip"  # pixel mean/std (the original used clip)
     use_features: bool = False  # read pre-computed encoder states instead of media (no encoder built)
     num_workers: int = 2  # DataLoader worker processes per rank
+    unsafe_members: Literal["error", "skip"] = "error"  # a non-SAFE_EXTENSIONS member: stop, or drop it
+    retries: int = 3  # retries of a failing remote shard or manifest (backoff 0.5 s, 1 s, 2 s, ...)
+    cache_dir: str | None = None  # keep a local copy of every remote shard here; later epochs read it
+    max_skip_fraction: float = 0.05  # stop past this share of a worker's epoch skipped as bad samples
+    verify_checksums: bool = False  # check each local shard's sha256 against the manifest before training
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,20 @@ class EvalConfig:
     # in-training evaluation generates on the first max_samples val samples (split over the ranks), which
     # keeps it bounded on large val splits (COCO val: 5000 images x beam search)
     max_samples: int | None = 5000  # cap on in-training generation samples; None: the whole val split
+    do_sample: bool = (
+        False  # sample instead of search, as the original's March-2023 scripts (needs num_beams: 1)
+    )
+    temperature: float = 1.0  # sampling: divides the logits (> 0)
+    top_k: int = (
+        50  # sampling: only the k most likely tokens (0: all); 50 is transformers' and the original's
+    )
+    top_p: float = 1.0  # sampling: only the fewest tokens holding this much probability, in (0, 1]
+    seed: int | None = (
+        0  # sampling: a torch.Generator seed on the model's device, per eval run (None: global RNG)
+    )
+    sort_window: int = (
+        16  # eval batches read ahead and re-cut by prompt length, less padding (0 or 1: loader order)
+    )
 
 
 @dataclass(frozen=True)
@@ -359,6 +378,17 @@ def validate(cfg: Config, ok: Callable[..., bool] = lambda *paths: True) -> list
             problems.append(f"train.{name}: must be >= 0")
     if ok("eval.num_beams") and cfg.eval.num_beams < 1:
         problems.append(f"eval.num_beams: must be >= 1, got {cfg.eval.num_beams}")
+    e = cfg.eval
+    if ok("eval.do_sample", "eval.num_beams") and e.do_sample and e.num_beams != 1:
+        problems.append(
+            f"eval.do_sample: draws one sequence per prompt; set eval.num_beams=1 (is {e.num_beams})"
+        )
+    if ok("eval.temperature", "eval.top_k", "eval.top_p") and (
+        not e.temperature > 0 or e.top_k < 0 or not 0 < e.top_p <= 1
+    ):
+        problems.append(
+            f"eval: need temperature > 0, top_k >= 0, 0 < top_p <= 1 (got {e.temperature}, {e.top_k}, {e.top_p})"
+        )
     if ok("data.train"):
         for i, d in enumerate(cfg.data.train):
             if d.weight <= 0:

@@ -1,7 +1,8 @@
 """`python -m epalm.describe CONFIG [key=value ...]`: build the model on the meta device (offline, no memory)
-and print one line per component, frozen or trainable, with its parameter count.
-
-The last line is exactly `trainable=<int> total=<int> ratio=<percent>%`.
+and print one line per component, frozen or trainable, with its parameter count; last line exactly
+`trainable=<int> total=<int> ratio=<percent>%`. With `--gpus N --zero S [--micro-batch B]` it prints the
+per-GPU memory plan (epalm/memory_plan.py) instead, ending with
+`frozen_bytes_per_gpu=<int> trainable_bytes_per_gpu=<int> activation_bytes_per_gpu=<int>`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 
 from torch import nn
 
+from epalm.memory_plan import MemoryPlan, plan_memory
 from epalm.model.epalm import EPALM, build_model
 from epalm.preflight import load_run_config
 
@@ -51,14 +53,38 @@ def describe(model: EPALM, cfg) -> list[str]:
     return lines
 
 
+def plan_lines(plan: MemoryPlan, header: str) -> list[str]:
+    gib = 2**30
+    lines = [header]
+    lines += [f"  {what:<52} {n / gib:>9.2f} GiB" for what, n in plan.rows]
+    lines.append(f"  {'total of the three (per GPU)':<52} {plan.total_bytes_per_gpu / gib:>9.2f} GiB")
+    lines.append(plan.last_line())
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Describe an eP-ALM config's model without loading weights.")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("--gpus", type=int, help="print the per-GPU memory plan for this many GPUs")
+    parser.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3), help="ZeRO stage (default 3)")
+    parser.add_argument(
+        "--micro-batch", type=int, help="per-GPU micro-batch (default train.micro_batch_size)"
+    )
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--text-tokens", type=int, default=32, help="text length per sample (default 32)")
     args = parser.parse_args(argv)
     cfg = load_run_config(args.config, args.overrides, paths=False)
-    model = build_model(cfg.model, device="meta")
-    print("\n".join(describe(model, cfg)))
+    if args.gpus is None:
+        print("\n".join(describe(build_model(cfg.model, device="meta"), cfg)))
+        return
+    micro = args.micro_batch or cfg.train.micro_batch_size
+    plan = plan_memory(cfg, args.gpus, args.zero, micro, args.precision, args.text_tokens)
+    header = (
+        f"{args.config}: {args.gpus} GPU(s), ZeRO-{args.zero}, {args.precision}, micro-batch {micro}, "
+        f"{args.text_tokens} text tokens; per GPU:"
+    )
+    print("\n".join(plan_lines(plan, header)))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,23 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def broadcast_from_rank0(obj: object, info: DistInfo) -> object:
+    """Rank 0's `obj` on every rank (picklable; no-op without a process group). Usable before the engine
+    exists: under NCCL the object travels through this rank's GPU, chosen here from the local rank."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    device = None
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
 def exit_process(code: int) -> NoReturn:
     """End a launcher-started process with `code`, skipping the interpreter's teardown.
 

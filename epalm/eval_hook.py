@@ -23,7 +23,7 @@ import torch.distributed as dist
 from epalm import checkpoint as ckpt
 from epalm.atomic import write_text_atomic
 from epalm.config import Config
-from epalm.data.loader import DatasetSpec, ResumableLoader, build_eval_loader
+from epalm.data.loader import DatasetSpec, ResumableLoader, build_eval_loader, io_options
 from epalm.data.resumable import eval_batches_per_rank
 from epalm.data.stream import load_manifest
 from epalm.distributed import DistInfo
@@ -148,6 +148,7 @@ def build_eval_split(
         image_size=d.image_size,
         normalization=d.normalization,
         double_question_mark=cfg.model.double_question_mark,
+        **io_options(d),
     )
     capped = max_samples is not None and n > max_samples
     # every rank reads a contiguous slice: its first batches are its share of the first ~max_samples
@@ -177,12 +178,10 @@ def predict_and_score(ctx: EvalContext, es: EvalSplit) -> Scored | None:
         es.loader,
         ctx.tokenizer,
         task=cfg.data.task,
-        num_beams=cfg.eval.num_beams,
-        max_new_tokens=cfg.eval.max_new_tokens,
+        decoding=cfg.eval,
         # ZeRO-3 shards every layer: a rank that stops generating early leaves the others waiting in
         # its all-gathers (HF generate's `synced_gpus` exists for the same reason)
         synced_gpus=ctx.zero_stage == 3,
-        use_cache=cfg.eval.use_cache,
     )
     predictions = gather_predictions(records, expected=None if es.capped else es.num_samples)
     if es.metas is None:

@@ -1,5 +1,8 @@
 """Evaluation of a trained adapter: generate over an eval loader, gather per-sample records across ranks,
 build the official reference files from shard metadata, and score with `epalm.metrics`.
+
+About 310 lines: predict, gather, score and write are the one evaluation path `eval.run` and the
+trainer share; the reference files are `epalm.references`'.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from epalm.config import Config
+from epalm.config import Config, EvalConfig
 from epalm.data import schema
+from epalm.data.length_order import length_sorted
 from epalm.generation import decode_generated, generate
 from epalm.references import media_id, reference_files, write_references
 
@@ -112,10 +116,8 @@ def predict(
     tokenizer: Any,
     *,
     task: str,
-    num_beams: int = 3,
-    max_new_tokens: int = 30,
+    decoding: EvalConfig | None = None,
     synced_gpus: bool = False,
-    use_cache: bool = True,
     progress: bool = False,
 ) -> list[dict]:
     """Generate for every batch of `loader` (this rank's part) and return one record per sample.
@@ -123,7 +125,10 @@ def predict(
     `task` is an eval task (`TASKS`) or a loader task ("qa" / "caption"). QA records are
     `{"question_id", "answer"}`, caption records `{"image_id", "caption"}` (the media id). With
     `synced_gpus` (ZeRO-3), a rank with fewer batches repeats generation on its last batch, output
-    discarded, until every rank has made the same number of generate calls.
+    discarded, until every rank has made the same number of generate calls. `decoding` (the config's
+    `eval` section) gives beams, sampling and the KV cache. Batches are re-cut by prompt length
+    `decoding.sort_window` loader batches at a time (`epalm.data.length_order`); records keep the loader's
+    order. Sampling draws from one `torch.Generator` seeded with `decoding.seed` for the whole run.
     """
     kind = TASKS[task].kind if task in TASKS else task
     if kind not in schema.TASKS:
@@ -135,9 +140,12 @@ def predict(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="generate", unit="batch")
-    records: list[dict] = []
     inputs: dict | None = None
     done = 0
+    generator = None
+    d = decoding or EvalConfig()
+    if d.do_sample and d.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(d.seed)
 
     def run(batch: dict) -> torch.Tensor:
         return generate(
@@ -148,15 +156,21 @@ def predict(
             pad_token_id=tokenizer.pad_token_id,
             media=batch["media"].to(device) if "media" in batch else None,
             encoder_states=batch["encoder_states"].to(device) if "encoder_states" in batch else None,
-            num_beams=num_beams,
-            max_new_tokens=max_new_tokens,
-            use_cache=use_cache,
+            num_beams=d.num_beams,
+            max_new_tokens=d.max_new_tokens,
+            use_cache=d.use_cache,
             synced_gpus=synced_gpus,
+            do_sample=d.do_sample,
+            temperature=d.temperature,
+            top_k=d.top_k,
+            top_p=d.top_p,
+            generator=generator,
         )
 
-    for batch in loader:
+    positioned: list[tuple[int, dict]] = []
+    for batch, positions in length_sorted(loader, d.sort_window, tokenizer.pad_token_id):
         texts = decode_generated(tokenizer, run(batch))
-        records += _to_records(kind, batch["modality"], batch["meta"], texts)
+        positioned += zip(positions, _to_records(kind, batch["modality"], batch["meta"], texts))
         inputs, done = batch, done + 1
         if bar is not None:
             bar.update()
@@ -171,7 +185,7 @@ def predict(
                 bar.update()
     if bar is not None:
         bar.close()
-    return records
+    return [r for _, r in sorted(positioned, key=lambda pr: pr[0])]  # the loader's order
 
 
 def gather_predictions(records: list[dict], expected: int | None = None) -> list[dict]:

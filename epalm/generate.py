@@ -3,6 +3,7 @@
     python -m epalm.generate --adapter DIR --image cat.jpg [--question "what is this?"]
     python -m epalm.generate --adapter DIR --video clip.mp4 --question "what happens?"
     python -m epalm.generate --adapter DIR --audio sound.wav
+    python -m epalm.generate --adapter DIR --image cat.jpg --do-sample --top-k 50 --seed 1   # as the original's v1
 
 Media go through the same code as shard building and evaluation, so the model sees what it saw in eval.
 """
@@ -53,6 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--question", help="ask this (QA); without it the model captions")
     p.add_argument("--num-beams", type=int, help="default: the config's eval.num_beams")
     p.add_argument("--max-new-tokens", type=int, help="default: the config's eval.max_new_tokens")
+    p.add_argument(
+        "--do-sample",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sample instead of beam search (implies --num-beams 1); default: the config's eval.do_sample",
+    )
+    p.add_argument("--temperature", type=float, help="sampling temperature; default: eval.temperature")
+    p.add_argument(
+        "--top-k", type=int, help="sample among the k most likely tokens (0: all); default: eval.top_k"
+    )
+    p.add_argument(
+        "--top-p", type=float, help="sample among the fewest tokens holding this mass; default: eval.top_p"
+    )
+    p.add_argument("--seed", type=int, help="sampling seed (reproducible output); default: eval.seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = p.parse_args(argv)
@@ -93,17 +108,30 @@ def main(argv: list[str] | None = None) -> int:
         else format_caption(None, eos)
     )
     input_ids, attention_mask = tokenize(tokenizer, [text], padding_side="left")
-    tokens = generate(
-        model,
-        input_ids.to(args.device),
-        attention_mask.to(args.device),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        media=pixels.to(args.device),
-        num_beams=args.num_beams or cfg.eval.num_beams,
-        max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens,
-        use_cache=cfg.eval.use_cache,
-    )
+    ev = cfg.eval
+    do_sample = ev.do_sample if args.do_sample is None else args.do_sample
+    seed = ev.seed if args.seed is None else args.seed
+    pick = lambda given, default: default if given is None else given  # noqa: E731
+    try:
+        tokens = generate(
+            model,
+            input_ids.to(args.device),
+            attention_mask.to(args.device),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            media=pixels.to(args.device),
+            num_beams=args.num_beams or (1 if do_sample else ev.num_beams),
+            max_new_tokens=args.max_new_tokens or ev.max_new_tokens,
+            use_cache=ev.use_cache,
+            do_sample=do_sample,
+            temperature=pick(args.temperature, ev.temperature),
+            top_k=pick(args.top_k, ev.top_k),
+            top_p=pick(args.top_p, ev.top_p),
+            generator=None if seed is None else torch.Generator(device=args.device).manual_seed(seed),
+        )
+    except ValueError as err:  # a sampling setting out of range, or sampling with beams
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(decode_generated(tokenizer, tokens)[0])
     return 0
 

@@ -1,10 +1,13 @@
-"""Greedy and beam-search generation for eP-ALM, with a KV cache, left padding, and ZeRO-3 lockstep.
+"""Greedy, sampled and beam-search decoding for eP-ALM, on the model's device, with a KV cache, left padding and
+ZeRO-3 lockstep.
 
-The original disabled the cache and re-ran the whole sequence for every token; here the prompt and the
-injected token are computed once and cached, and `use_cache=False` keeps the recompute path (which gives
-the same tokens with `visual_attention: causal`). Beam search scores a finished hypothesis by its summed
-log-probability divided by its length (EOS included) ** length_penalty, and stops a batch item once no
-running beam can beat its worst kept hypothesis (transformers' `early_stopping=False` rule).
+transformers' `generate` cannot drive eP-ALM's forward (the visual token is injected into the layers' states), so
+the loop is written here; the sampling filters are transformers' own logits warpers, so `temperature`, `top_k` and
+`top_p` mean what they mean in `generate`. Beam search follows transformers' vectorised beam search (5.x): a
+finished hypothesis scores its summed log-probability over its length (EOS included) ** length_penalty; an EOS
+counts only among the top `num_beams` candidates; a batch item stops once its best running beam cannot beat its
+worst kept hypothesis (`early_stopping=False`). Every step stays on the device; one boolean per step ("all done?")
+is read on the host, which the ZeRO-3 lockstep needs anyway.
 """
 
 from __future__ import annotations
@@ -12,8 +15,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from epalm.model.epalm import EPALM
+
+_NEG = -1.0e9  # "no hypothesis": the additive mask transformers' beam search uses
 
 
 class _Decoder:
@@ -47,10 +57,23 @@ class _Decoder:
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
 
 
-def _all_ranks_done(local_done: bool, device: torch.device) -> bool:
-    flag = torch.tensor(0.0 if local_done else 1.0, device=device)
+def _stop(local_done: torch.Tensor, synced_gpus: bool) -> bool:
+    """The one host read per step: this rank is done, or (synced) every rank is."""
+    if not (synced_gpus and dist.is_available() and dist.is_initialized()):
+        return bool(local_done)
+    flag = (~local_done).to(torch.float32).reshape(1)
     dist.all_reduce(flag)
     return flag.item() == 0.0
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """ValueError naming the first sampling setting out of range."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 @torch.no_grad()
@@ -68,128 +91,166 @@ def generate(
     use_cache: bool = True,
     length_penalty: float = 1.0,
     synced_gpus: bool = False,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """New tokens (B, L), EOS included, padded with pad_token_id. Inputs must be left-padded.
+    """New tokens (B, L) on the input's device, EOS included, padded with pad_token_id. Inputs must be left-padded.
 
-    `synced_gpus=True` keeps every rank stepping until all are done: required under ZeRO-3, where each
-    forward gathers parameters collectively and a rank that stops early would hang the others.
+    `do_sample=True` (with `num_beams=1`) draws each token from softmax(log-probs / temperature) restricted to the
+    `top_k` most likely tokens (0: all) and to the smallest set holding `top_p` of the mass, with `generator` (a
+    `torch.Generator` on the model's device; None: torch's global RNG). `synced_gpus=True` keeps every rank
+    stepping until all are done: required under ZeRO-3, where each forward gathers parameters collectively and
+    a rank that stopped early would hang the others.
     """
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generation needs left-padded inputs (tokenize with padding_side='left')")
-    batch = input_ids.shape[0]
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if do_sample:
+        check_sampling(temperature, top_k, top_p)
+        if num_beams > 1:
+            raise ValueError(
+                "do_sample draws one sequence per prompt: set num_beams=1 (beam sampling is not offered)"
+            )
+    batch, device = input_ids.shape[0], input_ids.device
     visual = model.visual_tokens(media, encoder_states)
     prompt = model.prompt_embeds(batch)
     if num_beams > 1:
         expand = lambda t: None if t is None else t.repeat_interleave(num_beams, dim=0)  # noqa: E731
         input_ids, attention_mask, visual, prompt = map(expand, (input_ids, attention_mask, visual, prompt))
     decoder = _Decoder(model, input_ids, attention_mask, visual, prompt, use_cache)
-    search = (
-        _Greedy(batch, eos_token_id, pad_token_id)
-        if num_beams == 1
-        else _Beam(batch, num_beams, eos_token_id, pad_token_id, length_penalty, input_ids.device)
-    )
+    if num_beams > 1:
+        search = _Beam(batch, num_beams, max_new_tokens, eos_token_id, pad_token_id, length_penalty, device)
+    else:
+        pick = _sampler(temperature, top_k, top_p, generator) if do_sample else _argmax
+        search = _Tokenwise(batch, max_new_tokens, eos_token_id, pad_token_id, device, pick)
     for step in range(max_new_tokens):
-        done = search.done()
-        if synced_gpus:
-            if _all_ranks_done(done, input_ids.device):
-                break
-            if done:  # keep the collectives in step with ranks still generating
-                decoder.logprobs()
-                continue
-        elif done:
+        last = step == max_new_tokens - 1
+        tokens, order = search.step(decoder.logprobs(), last)
+        if last:
             break
-        tokens, order = search.step(decoder.logprobs(), step)
         decoder.append(tokens, order)
-    if synced_gpus:  # ranks that hit max_new_tokens together still need one agreement round
-        while not _all_ranks_done(True, input_ids.device):
-            decoder.logprobs()
+        # a done rank keeps stepping (finished rows and hypotheses are frozen) until every rank is done
+        if _stop(search.done(), synced_gpus):
+            break
     return search.finish()
 
 
-class _Greedy:
-    def __init__(self, batch, eos, pad):
-        self.eos, self.pad = eos, pad
-        self.finished = torch.zeros(batch, dtype=torch.bool)
-        self.tokens: list[torch.Tensor] = []
+def _argmax(logprobs: torch.Tensor) -> torch.Tensor:
+    return logprobs.argmax(dim=-1)
 
-    def done(self) -> bool:
-        return bool(self.finished.all())
 
-    def step(self, logprobs, step):
-        nxt = logprobs.argmax(dim=-1).cpu()
-        nxt = torch.where(self.finished, torch.full_like(nxt, self.pad), nxt)
+def _sampler(temperature: float, top_k: int, top_p: float, generator: torch.Generator | None):
+    """Token picker for sampling: transformers' warpers in `generate`'s order (temperature, top-k, top-p)."""
+    warpers = []
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+
+    def pick(logprobs: torch.Tensor) -> torch.Tensor:
+        for warp in warpers:  # log-probs differ from logits by a per-row constant: the same distribution
+            logprobs = warp(None, logprobs)
+        probs = torch.softmax(logprobs, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+    return pick
+
+
+class _Tokenwise:
+    """Greedy or sampled decoding: one token per row and step; rows past their EOS get pad."""
+
+    def __init__(self, batch, max_new_tokens, eos, pad, device, pick):
+        self.eos, self.pad, self.pick = eos, pad, pick
+        self.tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.length = torch.zeros(batch, dtype=torch.long, device=device)  # tokens up to and including EOS
+        self.steps = 0
+
+    def done(self) -> torch.Tensor:
+        return self.finished.all()
+
+    def step(self, logprobs: torch.Tensor, last: bool) -> tuple[torch.Tensor, None]:
+        nxt = self.pick(logprobs).masked_fill(self.finished, self.pad)
+        self.length += ~self.finished
         self.finished |= nxt == self.eos
-        self.tokens.append(nxt)
-        return nxt.to(logprobs.device), None
+        self.tokens[:, self.steps] = nxt
+        self.steps += 1
+        return nxt, None
 
     def finish(self) -> torch.Tensor:
-        if not self.tokens:
-            return torch.empty(len(self.finished), 0, dtype=torch.long)
-        return torch.stack(self.tokens, dim=1)
+        width = int(self.length.max()) if self.steps else 0
+        return self.tokens[:, :width]
 
 
 class _Beam:
-    def __init__(self, batch, num_beams, eos, pad, length_penalty, device):
-        self.batch, self.k, self.eos, self.pad, self.lp = batch, num_beams, eos, pad, length_penalty
-        scores = torch.full((batch, num_beams), -1e9)
-        scores[:, 0] = 0.0  # all beams start identical: expand from the first only
-        self.scores = scores.view(-1)
-        self.generated = torch.empty(batch * num_beams, 0, dtype=torch.long)
-        self.hyps: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(batch)]
-        self.finished = [False] * batch
-        self.device = device
+    """Running beams and kept hypotheses as (batch, beams[, tokens]) tensors; best hypothesis first."""
 
-    def done(self) -> bool:
-        return all(self.finished)
+    def __init__(self, batch, num_beams, max_new_tokens, eos, pad, length_penalty, device):
+        k = num_beams
+        self.batch, self.k, self.eos, self.lp, self.steps = batch, k, eos, length_penalty, 0
+        self.running_scores = torch.full((batch, k), _NEG, device=device)
+        self.running_scores[:, 0] = 0.0  # all beams start identical: expand from the first only
+        self.running = torch.full((batch, k, max_new_tokens), pad, dtype=torch.long, device=device)
+        self.kept = self.running.clone()  # finished hypotheses, padded after their EOS
+        self.kept_scores = torch.full((batch, k), _NEG, device=device)
+        self.kept_length = torch.zeros((batch, k), dtype=torch.long, device=device)
+        self.kept_real = torch.zeros((batch, k), dtype=torch.bool, device=device)  # slot holds a hypothesis
+        self.open = torch.ones(batch, dtype=torch.bool, device=device)  # may still improve
+        self.in_top_k = torch.arange(2 * k, device=device) < k  # only these candidates may finish
+        self.row_offset = torch.arange(batch, device=device)[:, None] * k
 
-    def _add(self, b: int, score: float, tokens: torch.Tensor) -> None:
-        hyps = self.hyps[b]
-        hyps.append((score / (len(tokens) ** self.lp), tokens))
-        hyps.sort(key=lambda h: -h[0])
-        del hyps[self.k :]
+    def done(self) -> torch.Tensor:
+        return ~self.open.any()
 
-    def step(self, logprobs, step):
-        vocab = logprobs.shape[-1]
-        total = (logprobs.cpu() + self.scores[:, None]).view(self.batch, self.k * vocab)
-        top_scores, top_index = total.topk(2 * self.k, dim=1)
-        next_scores = torch.zeros(self.batch, self.k)
-        next_tokens = torch.full((self.batch, self.k), self.pad, dtype=torch.long)
-        next_source = torch.arange(self.k).repeat(self.batch, 1)
-        for b in range(self.batch):
-            if self.finished[b]:
-                continue
-            kept = 0
-            for rank in range(2 * self.k):
-                token = int(top_index[b, rank] % vocab)
-                source = int(top_index[b, rank] // vocab)
-                score = float(top_scores[b, rank])
-                if token == self.eos:
-                    if rank < self.k:  # an EOS outside the top k is not a candidate, as in HF
-                        ended = torch.cat([self.generated[b * self.k + source], torch.tensor([token])])
-                        self._add(b, score, ended)
-                    continue
-                next_scores[b, kept], next_tokens[b, kept], next_source[b, kept] = score, token, source
-                kept += 1
-                if kept == self.k:
-                    break
-            best_possible = float(top_scores[b].max()) / ((step + 1) ** self.lp)
-            self.finished[b] = len(self.hyps[b]) == self.k and self.hyps[b][-1][0] >= best_possible
-        order = (torch.arange(self.batch)[:, None] * self.k + next_source).view(-1)
-        self.generated = torch.cat([self.generated[order], next_tokens.view(-1, 1)], dim=1)
-        self.scores = next_scores.view(-1)
-        return next_tokens.view(-1).to(self.device), order.to(self.device)
+    def _take(self, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 3:
+            index = index[..., None].expand(-1, -1, t.shape[-1])
+        return t.gather(1, index)
+
+    def step(self, logprobs: torch.Tensor, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        t, k, vocab = self.steps, self.k, logprobs.shape[-1]
+        total = (logprobs.view(self.batch, k, vocab) + self.running_scores[..., None]).view(self.batch, -1)
+        # 2k candidates: with one EOS token at least k of them go on
+        scores, index = total.topk(2 * k, dim=1)
+        source, token = index // vocab, index % vocab
+        ends = (token == self.eos) | last  # at max_new_tokens every candidate ends
+        histories = self._take(self.running, source)
+        histories[:, :, t] = token
+
+        # the k best candidates that go on
+        going_on = scores + ends * _NEG
+        keep = going_on.topk(k, dim=1).indices
+        self.running_scores = going_on.gather(1, keep)
+        self.running = self._take(histories, keep)
+
+        # candidates that end now (top k only, items that can still improve) join the kept hypotheses
+        finished = ends & self.in_top_k & self.open[:, None]
+        candidate_scores = scores / ((t + 1) ** self.lp) + ~finished * _NEG
+        merged = torch.cat([self.kept_scores, candidate_scores], dim=1)
+        best = merged.topk(k, dim=1).indices
+        self.kept_scores = merged.gather(1, best)
+        self.kept = self._take(torch.cat([self.kept, histories], dim=1), best)
+        lengths = torch.cat([self.kept_length, torch.full_like(scores, t + 1, dtype=torch.long)], dim=1)
+        self.kept_length = lengths.gather(1, best)
+        self.kept_real = torch.cat([self.kept_real, finished], dim=1).gather(1, best)
+
+        # early_stopping=False: stop when the best running beam, at today's length, is no better than the worst kept
+        best_running = self.running_scores[:, 0] / ((t + 1) ** self.lp)
+        worst_kept = torch.where(self.kept_real.all(dim=1), self.kept_scores.min(dim=1).values, _NEG)
+        self.open &= best_running > worst_kept
+        self.steps += 1
+        order = (self.row_offset + source.gather(1, keep)).view(-1)  # cache row each running beam continues
+        return self.running[:, :, t].reshape(-1), order
 
     def finish(self) -> torch.Tensor:
-        for b in range(self.batch):
-            if not self.finished[b]:
-                for j in range(self.k):
-                    self._add(b, float(self.scores[b * self.k + j]), self.generated[b * self.k + j])
-        best = [self.hyps[b][0][1] for b in range(self.batch)]
-        width = max((len(t) for t in best), default=0)
-        out = torch.full((self.batch, width), self.pad, dtype=torch.long)
-        for b, tokens in enumerate(best):
-            out[b, : len(tokens)] = tokens
-        return out
+        width = int(self.kept_length[:, 0].max()) if self.steps else 0
+        return self.kept[:, 0, :width]
 
 
 def decode_generated(tokenizer, tokens: torch.Tensor) -> list[str]:

@@ -52,9 +52,10 @@ def path_problems(cfg: Config, ok: Callable[..., bool]) -> list[str]:
     if ok("data.train"):
         for i, ds in enumerate(d.train):
             problems.append(_shard_problem(f"data.train[{i}].path", ds.path))
-    for key in ("val", "test"):
-        if ok(f"data.{key}") and getattr(d, key):
-            problems.append(_shard_problem(f"data.{key}", getattr(d, key)))
+    if ok("data.val") and d.val:
+        problems.append(_shard_problem("data.val", d.val))
+    if ok("data.test", "data.task") and d.test and d.task == "caption":  # only captioning runs read it
+        problems.append(_shard_problem("data.test", d.test))
     if ok("model.lm"):
         tokenizer = m.lm.tokenizer or m.lm.name
         if looks_local(tokenizer) and not Path(tokenizer).expanduser().is_dir():

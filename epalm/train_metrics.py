@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from epalm.atomic import write_text_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -58,6 +60,25 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep only the rows of `path` logged at or before `step` (and no torn last line); return how many went."""
+    if not path.exists():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            row_step = None  # a line cut short by a kill
+        if row_step is not None and row_step <= step:
+            keep.append(line + "\n")
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        write_text_atomic(path, "".join(keep))
+    return dropped
+
+
 class MetricWriter:
     """Rank 0 writes; other ranks hold a do-nothing writer so the loop has no rank checks."""
 
@@ -69,7 +90,9 @@ class MetricWriter:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        self.tb = SummaryWriter(str(run_dir / "tb"))
+        # rows and events past the resumed step belong to the lost progress: drop them, or they repeat
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        truncate_metrics(run_dir / METRICS_FILE, start_step)
         self.jsonl = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 (open for the run's lifetime)
         self.bar = tqdm(
             total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0

@@ -1,6 +1,6 @@
 """Everything a training run needs that can be built and checked before the model: the DeepSpeed config
 with our batch arithmetic, the optimizer choice, the tokenizer, the loaders (with feature fingerprints),
-the evaluation hook and the checkpoint to resume from. A problem here is a ConfigError, raised the same
+the evaluation hook and the (verified) checkpoint to resume from. A problem here is a ConfigError, raised the same
 on every rank, so no rank waits for another that failed.
 """
 
@@ -13,15 +13,15 @@ from typing import Any
 
 import torch
 
-from epalm import checkpoint as ckpt
 from epalm.config import Config, ConfigError
 from epalm.data import schema
-from epalm.data.loader import DatasetSpec, ResumableLoader, build_train_loader
+from epalm.data.loader import DatasetSpec, ResumableLoader, build_train_loader, io_options
 from epalm.data.text import build_tokenizer
 from epalm.distributed import DistInfo
 from epalm.ds_config import build_ds_config
 from epalm.eval_hook import GenerationEval, build_generation_eval
 from epalm.optimizer import choose_optimizer
+from epalm.resume import agreed_resume
 
 
 @dataclass
@@ -58,6 +58,7 @@ def build_train_setup(
         normalization=cfg.data.normalization,
         answer_only=cfg.model.answer_only_loss,
         double_question_mark=cfg.model.double_question_mark,
+        **io_options(cfg.data),
     )
     try:
         tokenizer = build_tokenizer(cfg.model.lm.tokenizer or cfg.model.lm.name)
@@ -76,7 +77,7 @@ def build_train_setup(
     accum = ds_config["gradient_accumulation_steps"]
     total = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(loader) / accum)
     run_dir = Path(cfg.run_dir)
-    resume_from = resume_path(resume, run_dir)
+    resume_from = agreed_resume(resume, run_dir, info)  # verified; a bad newest step is skipped
     return TrainSetup(
         cfg, info, ds_config, loader, val_loaders, tokenizer, total, resume_from, run_dir, evaluation
     )
@@ -96,18 +97,3 @@ def expected_fingerprint(cfg: Config) -> dict:
     return schema.encoder_fingerprint(
         cfg.model.encoder, encoder.state_dict(), d.modality, d.image_size, d.num_frames, d.normalization
     )
-
-
-def resume_path(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint `--resume` names: `auto` (the newest in run_dir, or none), a step dir, or a root."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        return ckpt.find_latest(run_dir / "checkpoints")
-    path = Path(resume)
-    if (path / ckpt.TRAINER_STATE).is_file():
-        return path
-    latest = ckpt.find_latest(path)
-    if latest is None:
-        raise ConfigError([f"--resume {resume}: neither a checkpoint nor a directory with '{ckpt.LATEST}'"])
-    return latest

@@ -23,6 +23,8 @@ from epalm.data import schema
 from epalm.digest import state_digest
 from epalm.engine import Engine, build_engine, frozen_checksum, full_frozen_digest, gather_adapter_state
 from epalm.eval_hook import EvalContext
+from epalm.resume import tag_for
+from epalm.supervisor import stop_requested_early
 from epalm.train_metrics import MetricWriter, Window
 from epalm.train_setup import TrainSetup
 
@@ -91,6 +93,7 @@ class Trainer:
     def fit(self) -> int:
         """Train to total_steps; return 0, or EXIT_REQUEUE after a signal-triggered checkpoint."""
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        self._stop = self._stop or stop_requested_early()  # a signal during the model build counts too
         try:
             self._start()
             self.ds.train()
@@ -106,7 +109,8 @@ class Trainer:
                 self.step += 1
                 self.metrics.advance(self.step)
                 if self.step % self.cfg.train.log_every == 0 or self.step == total:
-                    self.metrics.log(self.step, window.reduce(self.world), self._lrs())
+                    metrics = {**window.reduce(self.world), **self.setup.loader.skip_metrics(self.device)}
+                    self.metrics.log(self.step, metrics, self._lrs())
                     window = Window()
                 if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
                     self.evaluate()
@@ -208,7 +212,7 @@ class Trainer:
 
     def save(self) -> Path:
         if self.step == self._saved_step:  # nothing changed since (a signal right after a save or resume)
-            return self.ckpt_root / ckpt.tag_for(self.step)
+            return self.ckpt_root / tag_for(self.step)
         checksum = frozen_checksum(self.engine.model)
         if checksum != self.frozen_start:
             raise RuntimeError(f"step {self.step}: frozen weights changed during training")

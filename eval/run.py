@@ -10,6 +10,7 @@ have no answers), the references built from the shards, and `scores.json`; print
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from epalm.config import ENCODER_MODALITY
-from epalm.data.loader import DatasetSpec, build_eval_loader
+from epalm.data.loader import DatasetSpec, build_eval_loader, io_options
 from epalm.distributed import exit_process, get_dist_info, shutdown_distributed
 from epalm.evaluate import (
     TASKS,
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--adapter", required=True, type=Path, help="adapter export dir (adapter.safetensors + config.yaml)"
     )
-    p.add_argument("--shards", required=True, type=Path, help="one split's shard dir (with manifest.json)")
+    p.add_argument("--shards", required=True, help="one split's shard dir or URL (with manifest.json)")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--num-beams", type=int, help="default: the config's eval.num_beams")
     p.add_argument("--max-new-tokens", type=int, help="default: the config's eval.max_new_tokens")
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = {
         "task": args.task,
-        "split": manifest.get("split") or args.shards.name,
+        "split": manifest.get("split") or Path(args.shards).name,
         "modality": modality,
         "adapter": str(args.adapter),
         "shards": str(args.shards),
@@ -171,16 +172,17 @@ def main(argv: list[str] | None = None) -> int:
         image_size=cfg.data.image_size,
         normalization=cfg.data.normalization,
         double_question_mark=cfg.model.double_question_mark,
+        **io_options(cfg.data),
     )
     records = predict(
         model,
         loader,
         tokenizer,
         task=args.task,
-        num_beams=settings["num_beams"],
-        max_new_tokens=settings["max_new_tokens"],
+        decoding=dataclasses.replace(
+            cfg.eval, num_beams=settings["num_beams"], max_new_tokens=settings["max_new_tokens"]
+        ),
         synced_gpus=args.synced_gpus,
-        use_cache=cfg.eval.use_cache,
         progress=info.rank == 0 and not args.no_progress,
     )
     predictions = gather_predictions(records, expected=settings["num_samples"])

@@ -101,3 +101,72 @@ def test_decode_stops_at_eos(tiny_tokenizer):
     seven = tiny_tokenizer("seven", add_special_tokens=False)["input_ids"]
     tokens = torch.tensor([seven + [eos, pad]])
     assert decode_generated(tiny_tokenizer, tokens) == ["seven"]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_same_tokens_as_the_previous_host_side_implementation(tiny_model, num_beams, use_cache):
+    """The cases above give the tokens the host-side search (kept in bench/old_generation.py) gave."""
+    from bench.old_generation import generate as old_generate
+
+    ids, mask = _left_padded()
+    media = torch.randn(4, 3, 16, 16)
+    kwargs = dict(media=media, eos_token_id=2, pad_token_id=1, num_beams=num_beams, max_new_tokens=12)
+    new = generate(tiny_model, ids, mask, use_cache=use_cache, **kwargs)
+    assert torch.equal(new, old_generate(tiny_model, ids, mask, use_cache=use_cache, **kwargs))
+
+
+def _stock_opt(seed: int, init_std: float) -> tuple[OPTForCausalLM, EPALM]:
+    from tests.conftest import TINY_LM
+
+    torch.manual_seed(seed)
+    lm = OPTForCausalLM(OPTConfig(**TINY_LM, init_std=init_std)).eval()
+    return lm, EPALM(lm, None, Connector(8, 32, 1), None, start_layer=1, end_layer=2)
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 2.0])
+def test_beam_search_equals_transformers_generate_without_adapter(length_penalty):
+    """No prompt, no injected token: our beam search is stock OPT's `generate(num_beams=3)`, EOS and
+    length penalty included. EOS is a token the model likes, so hypotheses finish early and the stopping
+    rule is exercised (checked: some rows end before max_new_tokens)."""
+    ended_early = 0
+    for seed in (18, 28, 36):
+        lm, model = _stock_opt(seed, init_std=0.3 if seed % 2 == 0 else 1.0)
+        ids, mask = _left_padded()
+        greedy = generate(model, ids, mask, eos_token_id=-1, pad_token_id=1, num_beams=1, max_new_tokens=4)
+        eos = int(greedy[seed % 4, 1])
+        kw = dict(eos_token_id=eos, pad_token_id=1, max_new_tokens=12, length_penalty=length_penalty)
+        ours = generate(model, ids, mask, num_beams=3, **kw)
+        hf = lm.generate(input_ids=ids, attention_mask=mask, num_beams=3, do_sample=False, **kw)
+        assert torch.equal(ours, hf[:, ids.shape[1] :])
+        ended_early += int((ours == 1).any(dim=1).sum())
+    assert ended_early > 0
+
+
+def test_one_host_read_per_step(tiny_model, monkeypatch):
+    """Inside the step loop nothing is copied to the host: no .cpu()/.tolist()/.numpy(), and at most one
+    scalar read ("all done?") per step, plus the left-padding check and the output width."""
+    ids, mask = _left_padded()
+    media = torch.randn(4, 3, 16, 16)
+    reads = {"cpu": 0, "tolist": 0, "numpy": 0, "scalar": 0}
+
+    def counting(name, original, key):
+        def wrapper(self, *a, **k):
+            reads[key] += 1
+            return original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in ("cpu", "tolist", "numpy"):
+        counting(name, getattr(torch.Tensor, name), name)
+    for name in ("__bool__", "__int__", "__float__", "item"):
+        counting(name, getattr(torch.Tensor, name), "scalar")
+    steps = 10
+    for num_beams in (1, 3):
+        for k in reads:
+            reads[k] = 0
+        out = generate(tiny_model, ids, mask, media=media, eos_token_id=-1, pad_token_id=1,
+                       num_beams=num_beams, max_new_tokens=steps)  # fmt: skip
+        assert out.shape[1] == steps  # eos -1 never comes: every step ran
+        assert reads["cpu"] == reads["tolist"] == reads["numpy"] == 0
+        assert reads["scalar"] <= (steps - 1) + 2

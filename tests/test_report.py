@@ -63,7 +63,11 @@ def test_report_for_cc3m_reads_the_zero_shot_test_scores(tmp_path):
     (run / "eval" / "scores.json").write_text(json.dumps({**scores, "headline": headline}))
     text = write_report(run).read_text()
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert "30.50" in rows["cider"] and "42.47" in rows["cider"] and "(README CC3M zero-shot figure)" in rows["cider"]
+    assert (
+        "30.50" in rows["cider"]
+        and "42.47" in rows["cider"]
+        and "(README CC3M zero-shot figure)" in rows["cider"]
+    )
     assert "8.25" in rows["bleu4"] and "11.50" in rows["bleu4"]
     assert "12.00" in rows["meteor"] and "15.44" in rows["meteor"]
     assert "test evaluation: caption on `shards/coco/test`" in text

@@ -54,6 +54,14 @@ def _frame_index(ext: str) -> int | None:
     return None
 
 
+class SampleError(ValueError):
+    """One sample cannot be used; `reason` is one of schema.LOAD_SKIP_REASONS. Names the shard and key."""
+
+    def __init__(self, reason: str, sample: RawSample, detail: str) -> None:
+        super().__init__(f"{sample.shard}: sample {sample.key!r}: {reason}: {detail}")
+        self.reason, self.shard, self.key, self.detail = reason, sample.shard, sample.key, detail
+
+
 @dataclass(frozen=True)
 class BatchBuilder:
     """Turns the raw samples of one dataset into a batch dict; `train=False` gives generation prompts.
@@ -102,7 +110,7 @@ class BatchBuilder:
             else {"image": schema.IMAGE, "audio": schema.AUDIO}.get(self.modality)
         )
         if need is not None and need not in m:
-            raise ValueError(f"{sample.shard}: sample {sample.key!r} has no {need!r} member")
+            raise SampleError("missing_member", sample, f"no {need!r} member")
         if self.use_features:
             return torch.from_numpy(decode_npy(m[schema.FEATURES]).astype(np.float32))
         if self.modality == "audio":
@@ -113,7 +121,7 @@ class BatchBuilder:
             return transform(decode_image(m[schema.IMAGE]), rng)
         frames = sorted((i, ext) for ext in m if (i := _frame_index(ext)) is not None)
         if not frames:
-            raise ValueError(f"{sample.shard}: video sample {sample.key!r} has no frameNNN.jpg members")
+            raise SampleError("missing_member", sample, "a video sample without frameNNN.jpg members")
         return transform(torch.stack([decode_image(m[ext]) for _, ext in frames]), rng)
 
     def _text(self, meta: dict, rng: random.Random, sample: RawSample) -> str:
@@ -122,25 +130,50 @@ class BatchBuilder:
         needed = [field] if self.train or self.task == "qa" else []
         needed += ["answers"] if self.train and self.task == "qa" else []
         if any(k not in meta for k in needed):
-            raise ValueError(
-                f"{sample.shard}: sample {sample.key!r} lacks one of {needed} for task {self.task!r}"
-            )
+            raise SampleError("bad_text", sample, f"lacks one of {needed} for task {self.task!r}")
         if self.task == "qa":
             answer = sample_answer(meta["answers"], rng) if self.train else None
             return format_qa(meta["question"], answer, eos, self.double_question_mark)
         return format_caption(pick_caption(meta["captions"], rng) if self.train else None, eos)
 
-    def __call__(self, samples: Sequence[RawSample], epoch: int, seed: int) -> dict:
-        metas, texts, media = [], [], []
-        for s in samples:
-            if schema.JSON not in s.members:
-                raise ValueError(f"{s.shard}: sample {s.key!r} has no json member")
+    def prepare(self, s: RawSample, epoch: int, seed: int) -> tuple[str, torch.Tensor, dict]:
+        """(text, media, meta) of one sample; SampleError (with a reason of schema.LOAD_SKIP_REASONS) if bad."""
+        if s.problem is not None:
+            raise SampleError("shard_read_error", s, s.problem)
+        if schema.JSON not in s.members:
+            raise SampleError("missing_member", s, "no json member")
+        try:
             meta = json.loads(s.members[schema.JSON])
-            tag = f"{seed}/{self.index}/{epoch}/{s.key}"
-            # separate streams, so switching to cached features keeps the same answers and captions
-            texts.append(self._text(meta, random.Random(tag + "/text"), s))
-            media.append(self._media(s, random.Random(tag + "/media")))
-            metas.append(meta)
+            if not isinstance(meta, dict):
+                raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+        except ValueError as e:
+            raise SampleError("bad_json", s, str(e)) from e
+        tag = f"{seed}/{self.index}/{epoch}/{s.key}"
+        # separate streams, so switching to cached features keeps the same answers and captions
+        try:
+            text = self._text(meta, random.Random(tag + "/text"), s)
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, SampleError):
+                raise
+            raise SampleError("bad_text", s, f"{type(e).__name__}: {e}") from e
+        try:
+            media = self._media(s, random.Random(tag + "/media"))
+        except SampleError:
+            raise
+        except (RuntimeError, ValueError, TypeError, OSError) as e:  # libjpeg, numpy's .npy checks
+            raise SampleError("corrupt_media", s, f"{type(e).__name__}: {e}") from e
+        return text, media, meta
+
+    def __call__(self, samples: Sequence[RawSample], epoch: int, seed: int) -> dict:
+        return self.assemble(samples, [self.prepare(s, epoch, seed) for s in samples])
+
+    def assemble(
+        self, samples: Sequence[RawSample], prepared: Sequence[tuple[str, torch.Tensor, dict]]
+    ) -> dict:
+        """One batch from `prepare`d samples."""
+        texts = [t for t, _, _ in prepared]
+        media = [m for _, m, _ in prepared]
+        metas = [d for _, _, d in prepared]
         shapes = {tuple(x.shape) for x in media}
         if len(shapes) != 1:
             raise ValueError(

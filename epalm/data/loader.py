@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 from transformers import PreTrainedTokenizerBase
 
-from epalm.data import schema
+from epalm.data import schema, sources
 from epalm.data.collate import BatchBuilder
 from epalm.data.resumable import DatasetPlan, ResumableLoader, eval_batches_per_rank
-from epalm.data.stream import UNSAFE_POLICIES, load_manifest
+from epalm.data.stream import UNSAFE_POLICIES, check_shards, load_manifest
 from epalm.data.transforms import Normalization
 
 __all__ = [
@@ -26,6 +25,7 @@ __all__ = [
     "build_eval_loader",
     "build_train_loader",
     "eval_batches_per_rank",
+    "io_options",
 ]
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class DatasetSpec:
     """One shard directory (with manifest.json) and how to read it."""
 
-    path: str  # or a Path; stored as str
+    path: str  # a local dir, http(s):// or fsspec URL, or `pipe:` template (docs/loader.md); a Path is stored as str
     task: str  # "qa" | "caption"
     modality: str  # "image" | "video" | "audio"
     weight: float = 1.0
@@ -51,6 +51,12 @@ class DatasetSpec:
             )
         if not self.weight > 0:
             raise ValueError(f"{self.path}: weight must be > 0, got {self.weight}")
+
+
+def io_options(data: object) -> dict:
+    """The reading options of an `epalm.config.DataConfig`, as keyword arguments of the build_*_loader functions."""
+    keys = ("unsafe_members", "retries", "cache_dir", "max_skip_fraction", "verify_checksums")
+    return {k: getattr(data, k) for k in keys if hasattr(data, k)}
 
 
 def _dataloader_kwargs(
@@ -81,6 +87,10 @@ def _plan(
     double_question_mark: bool,
     shuffle_buffer: int,
     unsafe_members: str,
+    retries: int,
+    cache_dir: str | None,
+    max_skip_fraction: float,
+    verify_checksums: bool,
 ) -> DatasetPlan:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -88,13 +98,21 @@ def _plan(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if unsafe_members not in UNSAFE_POLICIES:
         raise ValueError(f"unsafe_members must be one of {UNSAFE_POLICIES}, got {unsafe_members!r}")
-    manifest, shards = load_manifest(spec.path)
+    if not 0 <= max_skip_fraction < 1:
+        raise ValueError(f"max_skip_fraction must be in [0, 1), got {max_skip_fraction}")
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
+    manifest, shards = load_manifest(spec.path, retries)
+    shards = replace(shards, cache_dir=cache_dir if sources.kind_of(spec.path) != "local" else None)
+    check_shards(
+        shards, verify_checksums
+    )  # before any model is built: a missing or truncated shard fails now
     if spec.use_features:
         if spec.expected_fingerprint is not None:
             schema.check_fingerprint(manifest.get("fingerprint"), spec.expected_fingerprint)
         else:
             log.warning("%s: cached features used without a fingerprint check", spec.path)
-    name = spec.name or Path(spec.path).name
+    name = spec.name or sources.display_name(spec.path)
     builder = BatchBuilder(
         tokenizer,
         spec.task,
@@ -109,7 +127,15 @@ def _plan(
         double_question_mark,
     )
     return DatasetPlan(
-        shards, builder, rank, world_size, batch_size, max(1, num_workers), shuffle_buffer, unsafe_members
+        shards,
+        builder,
+        rank,
+        world_size,
+        batch_size,
+        max(1, num_workers),
+        shuffle_buffer,
+        unsafe_members,
+        max_skip_fraction,
     )
 
 
@@ -129,6 +155,10 @@ def build_train_loader(
     shuffle_buffer: int = 1000,
     batches_per_epoch: int | None = None,
     unsafe_members: str = "error",
+    retries: int = 3,
+    cache_dir: str | None = None,
+    max_skip_fraction: float = 0.0,
+    verify_checksums: bool = False,
     pin_memory: bool = False,
     multiprocessing_context: str | None = None,
     prefetch_factor: int | None = None,
@@ -152,6 +182,10 @@ def build_train_loader(
         double_question_mark=double_question_mark,
         shuffle_buffer=shuffle_buffer,
         unsafe_members=unsafe_members,
+        retries=retries,
+        cache_dir=cache_dir,
+        max_skip_fraction=max_skip_fraction,
+        verify_checksums=verify_checksums,
     )
     plans = [_plan(spec, i, tokenizer, True, **common) for i, spec in enumerate(datasets)]
     for spec, plan in zip(datasets, plans):
@@ -193,6 +227,10 @@ def build_eval_loader(
     normalization: Normalization = "clip",
     double_question_mark: bool = False,
     unsafe_members: str = "error",
+    retries: int = 3,
+    cache_dir: str | None = None,
+    max_skip_fraction: float = 0.0,
+    verify_checksums: bool = False,
     pin_memory: bool = False,
     multiprocessing_context: str | None = None,
 ) -> ResumableLoader:
@@ -216,6 +254,10 @@ def build_eval_loader(
         double_question_mark=double_question_mark,
         shuffle_buffer=0,
         unsafe_members=unsafe_members,
+        retries=retries,
+        cache_dir=cache_dir,
+        max_skip_fraction=max_skip_fraction,  # unused: an eval sample that fails is an error, not a skip
+        verify_checksums=verify_checksums,
     )
     num_batches = eval_batches_per_rank(plan.shards.num_samples, world_size, batch_size)[rank]
     kwargs = _dataloader_kwargs(num_workers, pin_memory, multiprocessing_context, None)

@@ -2,24 +2,36 @@
 
 Every worker's batches are a pure function of (seed, epoch, rank, world size, worker, workers), so
 the loader state is a count of batches handed out; see docs/loader.md.
+
+About 340 lines: the split, the schedule, the skip accounting and the wrapper share one state and one
+resume contract, and read best together.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from epalm.data.collate import BatchBuilder
+from epalm.data import schema
+from epalm.data.collate import BatchBuilder, SampleError
 from epalm.data.stream import ShardList, buffer_shuffle_order, iter_ordered, pieces_of, shard_order
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 _BLOCK = 4096  # schedule steps drawn per RNG block
+INFO = "_loader"  # batch key the workers use to report positions and skips; removed before the batch is handed out
+
+
+class TooManySkipsError(ValueError):
+    """More samples of a worker's share were skipped than `max_skip_fraction` allows."""
 
 
 def worker_batch_counts(num_batches: int, num_workers: int) -> list[int]:
@@ -45,15 +57,30 @@ class DatasetPlan:
     num_workers: int  # logical workers, >= 1
     shuffle_buffer: int
     unsafe: str
+    max_skip_fraction: float = 0.0
 
     @property
     def num_batches(self) -> int:
         return self.shards.num_samples // (self.world_size * self.batch_size)
 
-    def iter_train(self, worker: int, consumed: int, seed: int) -> Iterator[tuple[int, list]]:
-        """(epoch, raw batch) of one worker from its `consumed`-th batch on, through epochs forever."""
+    def _refill(self, pieces, perm: list[int], pos: int) -> Iterator:
+        """The worker's samples from position `pos` of `perm`, then `perm` again: skipped samples are replaced
+        by the next ones, and past the end of the share by its first ones (equal batches on every rank)."""
+        p = pos % len(perm)
+        while True:
+            yield from iter_ordered(self.shards, pieces, perm, p, self.builder.wanted, self.unsafe, "skip")
+            p = 0
+
+    def iter_train(
+        self, worker: int, consumed: int, seed: int, extra: tuple[int, int] = (0, 0)
+    ) -> Iterator[dict]:
+        """Batches of one worker from its `consumed`-th batch on, through epochs forever.
+
+        `extra` = (epoch, samples skipped so far in it): each skip moved the worker one sample further on.
+        """
         counts, b = worker_batch_counts(self.num_batches, self.num_workers), self.batch_size
         epoch, first = divmod(consumed, counts[worker])
+        skipped = extra[1] if extra[0] == epoch else 0
         start = (self.rank * self.num_batches + sum(counts[:worker])) * b
         n = counts[worker] * b
         tag = f"{seed}/{self.builder.index}"
@@ -62,10 +89,37 @@ class DatasetPlan:
             pieces = pieces_of(self.shards.counts, order, start, start + n)
             rng = random.Random(f"buffer/{tag}/{epoch}/{self.rank}/{worker}")
             perm = buffer_shuffle_order(n, self.shuffle_buffer, rng)
-            samples = iter_ordered(self.shards, pieces, perm, first * b, self.builder.wanted, self.unsafe)
+            samples = self._refill(pieces, perm, first * b + skipped)
             for _ in range(first, counts[worker]):
-                yield epoch, [next(samples) for _ in range(b)]
-            epoch, first = epoch + 1, 0
+                raws, items, reasons = [], [], Counter()
+                while len(items) < b:
+                    raw = next(samples)
+                    try:
+                        items.append(self.builder.prepare(raw, epoch, seed))
+                        raws.append(raw)
+                    except SampleError as e:
+                        skipped += 1
+                        reasons[e.reason] += 1
+                        log.warning("skipping a sample: %s", e)
+                        self._check_skips(skipped, n, epoch, e)
+                batch = self.builder.assemble(raws, items)
+                batch[INFO] = {
+                    "dataset": self.builder.index,
+                    "worker": worker,
+                    "epoch": epoch,
+                    "skipped_in_epoch": skipped,
+                    "reasons": dict(reasons),
+                }
+                yield batch
+            epoch, first, skipped = epoch + 1, 0, 0
+
+    def _check_skips(self, skipped: int, n: int, epoch: int, last: SampleError) -> None:
+        if skipped > self.max_skip_fraction * n:
+            raise TooManySkipsError(
+                f"dataset {self.builder.name!r}: {skipped} of the {n} samples of this worker's share of "
+                f"epoch {epoch} on rank {self.rank} skipped, more than data.max_skip_fraction="
+                f"{self.max_skip_fraction}; the last: {last}"
+            )
 
     def iter_eval(self, worker: int) -> Iterator[tuple[int, list]]:
         """Worker `worker`'s share of this rank's contiguous slice, in manifest order; last batch partial."""
@@ -117,10 +171,12 @@ class _Schedule:
 class _EpochView(IterableDataset):
     """The batches of one epoch from step `start` on; physical worker p plays logical (p + start) % K."""
 
-    def __init__(self, plans, schedule, seed, epoch, start, per_epoch, num_workers, counts, train) -> None:
+    def __init__(
+        self, plans, schedule, seed, epoch, start, per_epoch, num_workers, counts, train, extra
+    ) -> None:
         self.plans, self.schedule, self.seed = plans, schedule, seed
         self.epoch, self.start, self.per_epoch = epoch, start, per_epoch
-        self.num_workers, self.counts, self.train = num_workers, counts, train
+        self.num_workers, self.counts, self.train, self.extra = num_workers, counts, train, extra
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -135,9 +191,9 @@ class _EpochView(IterableDataset):
         for step in range(self.start + physical, self.per_epoch, self.num_workers):
             d = self.schedule.at(self.epoch * self.per_epoch + step)
             if d not in streams:
-                streams[d] = self.plans[d].iter_train(worker, position[d], self.seed)
-            epoch, raw = next(streams[d])
-            yield self.plans[d].builder(raw, epoch, self.seed)
+                extra = tuple(self.extra[worker][d])
+                streams[d] = self.plans[d].iter_train(worker, position[d], self.seed, extra)
+            yield next(streams[d])
 
 
 def _identity(batch: dict) -> dict:
@@ -162,6 +218,25 @@ class ResumableLoader:
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.dataloader_kwargs = dataloader_kwargs
         self.consumed = 0
+        self.skipped: Counter = Counter()  # reason -> samples skipped on this rank, over the whole run
+        self._reset_extra()
+
+    def _reset_extra(self) -> None:
+        # (logical worker, dataset) -> [dataset epoch, samples skipped in it so far]
+        self.extra = [[[0, 0] for _ in self.plans] for _ in range(self._logical_workers)]
+
+    def skip_metrics(self, device: torch.device | str | None = None) -> dict[str, float]:
+        """Samples skipped so far, summed over ranks (a collective when distributed: call on every rank)."""
+        counts = torch.tensor(
+            [self.skipped.get(r, 0) for r in schema.LOAD_SKIP_REASONS], dtype=torch.float64, device=device
+        )
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        out = {"data/skipped": float(counts.sum())}
+        out.update(
+            {f"data/skipped/{r}": float(c) for r, c in zip(schema.LOAD_SKIP_REASONS, counts.tolist()) if c}
+        )
+        return out
 
     @property
     def _logical_workers(self) -> int:
@@ -191,6 +266,7 @@ class ResumableLoader:
             self._logical_workers,
             self._worker_counts(),
             self.train,
+            [[list(e) for e in w] for w in self.extra],
         )
         loader = DataLoader(
             view,
@@ -202,6 +278,9 @@ class ResumableLoader:
         for batch in loader:
             if self.train:
                 self.consumed += 1
+                info = batch.pop(INFO)
+                self.extra[info["worker"]][info["dataset"]] = [info["epoch"], info["skipped_in_epoch"]]
+                self.skipped.update(info["reasons"])
             yield batch
 
     def _topology(self) -> dict:
@@ -229,6 +308,8 @@ class ResumableLoader:
             **self._topology(),
             "datasets": datasets,
             "worker_batches": self._worker_counts().tolist(),
+            "worker_skipped": self.extra,  # per worker, per dataset: [its epoch, samples skipped in it]
+            "skipped": dict(sorted(self.skipped.items())),
         }
 
     def load_state_dict(self, state: dict, allow_topology_change: bool = False) -> None:
@@ -243,10 +324,14 @@ class ResumableLoader:
             raise ValueError(f"loader state is for datasets {state['datasets']}, this loader reads {mine}")
         changed = {k: (state[k], v) for k, v in self._topology().items() if state[k] != v}
         self.seed = int(state["seed"])
+        self.skipped = Counter(state.get("skipped", {}))
+        self._reset_extra()
         if not changed:
             self.consumed = int(state["consumed_batches"])
             if self._worker_counts().tolist() != state["worker_batches"]:
                 raise ValueError("loader state's per-worker positions do not match its step count")
+            if "worker_skipped" in state:  # absent in states saved before skipping existed: no skips
+                self.extra = [[list(map(int, e)) for e in w] for w in state["worker_skipped"]]
             return
         detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
         if not allow_topology_change:

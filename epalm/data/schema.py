@@ -59,6 +59,15 @@ SKIP_REASONS = (
     "encoder_error",  # the feature cache could not encode the sample
 )
 
+# Reasons the loader skips a sample at training time (counted in the metrics log, see docs/loader.md).
+LOAD_SKIP_REASONS = (
+    "shard_read_error",  # the shard failed before this sample (truncated, unreadable after retries)
+    "missing_member",  # no json member, or no media member of the dataset's modality
+    "bad_json",  # the json member does not parse to an object
+    "bad_text",  # the json lacks the question/answers/captions the task needs
+    "corrupt_media",  # the jpg / npy member does not decode
+)
+
 
 def done_record_name(shard: str) -> str:
     """The per-shard done-record written after the shard is renamed into place."""

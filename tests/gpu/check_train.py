@@ -1,46 +1,64 @@
-"""GPU check: train OPT-6.7B + ViT-L/16 shapes (random weights, no download) in bf16 under ZeRO-3 for a few steps
-through `epalm.engine.build_engine`; report samples/s, MFU and peak memory. NOT YET RUN ON A GPU.
+"""GPU check of training at full size: eP-ALM pt-L (OPT-6.7B + ViT-L/16, launch/configs/image/vqa_v2_pt_L.yaml)
+with random weights built on the GPU (ZeRO-0/2) or under `deepspeed.zero.Init` (ZeRO-3), never on the host.
 
-Started by tests/gpu/run.sh under the deepspeed launcher; `--dry-run-cpu` runs the same path on CPU with a tiny model.
+One process, one engine after another through `epalm.engine.build_engine`: bf16 at ZeRO-0/2/3 x micro-batch
+16/64, ZeRO-3 with quantized frozen weights (`zero_quantized_nontrainable_weights`), and one fp16 step.
+Per measurement: samples/s, MFU against 989 TFLOP/s dense bf16, peak memory, and the memory planner's figure
+(epalm/memory_plan.py). One summary line each; everything in OUT/gpu_train.json. A measurement that fails
+(out of memory, an op that cannot build) is recorded with its error and the others still run.
+
+`--dry-run`: the same code path on CPU with a tiny OPT/ViT (CI runs it through tests/gpu/run.sh --dry-run).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 CONFIG = ROOT / "launch" / "configs" / "image" / "vqa_v2_pt_L.yaml"
-DS_CONFIG = ROOT / "ds_configs" / "zero3.json"
 BF16_PEAK = 989e12  # H100 / H200 SXM dense bf16 FLOP/s
-TINY = {  # --dry-run-cpu: a 6-layer OPT and a 4-block ViT at 16x16, 2 states into layers 1..4
-    "lm": dict(hidden_size=32, num_hidden_layers=6, num_attention_heads=4, ffn_dim=64, vocab_size=320,
-               max_position_embeddings=128, word_embed_proj_dim=32),
-    "encoder": dict(img_size=16, patch_size=8, embed_dim=24, depth=4, num_heads=2),
+TINY = {  # --dry-run: a 32-layer OPT of width 32 (pt-L's schedule: layers 19..30) and a 6-block ViT at 16x16
+    "lm": dict(hidden_size=32, num_attention_heads=4, ffn_dim=64, vocab_size=320, word_embed_proj_dim=32),
+    "encoder": dict(img_size=16, patch_size=8, embed_dim=24, depth=6, num_heads=2),
 }  # fmt: skip
+# (name, ZeRO stage, precision, micro-batch, extra zero_optimization keys, timed steps)
+MEASUREMENTS = [
+    ("zero0-mb16", 0, "bf16", 16, {}, None),
+    ("zero0-mb64", 0, "bf16", 64, {}, None),
+    ("zero2-mb16", 2, "bf16", 16, {}, None),
+    ("zero2-mb64", 2, "bf16", 64, {}, None),
+    ("zero3-mb16", 3, "bf16", 16, {}, None),
+    ("zero3-mb64", 3, "bf16", 64, {}, None),
+    ("zero3-quantized-frozen-mb16", 3, "bf16", 16, {"zero_quantized_nontrainable_weights": True}, None),
+    ("fp16-zero2-mb16-one-step", 2, "fp16", 16, {}, 1),
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu_check"))
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--micro", type=int, default=16, help="micro-batch per GPU (the paper used 2)")
-    p.add_argument("--text-tokens", type=int, default=30)
-    p.add_argument("--dry-run-cpu", action="store_true", help="tiny model on CPU: exercise the code path")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--text-tokens", type=int, default=32)
+    p.add_argument("--only", nargs="*", help="run only these measurement names")
+    p.add_argument(
+        "--dry-run", "--dry-run-cpu", action="store_true", help="tiny model on CPU, same code path"
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def build_cfg(args: argparse.Namespace, world: int):
+def build_cfg(dry_run: bool, micro: int, world: int, steps: int):
     import yaml
 
     from epalm.config import build_config
@@ -49,18 +67,25 @@ def build_cfg(args: argparse.Namespace, world: int):
     model = tree["model"]
     model["lm"]["pretrained"] = False
     model["encoder"]["pretrained"] = False
-    if args.dry_run_cpu:
+    if dry_run:
         model["lm"]["config_overrides"] = TINY["lm"]
         model["encoder"]["config_overrides"] = TINY["encoder"]
-        model["encoder"]["num_states"] = 2
-        model["adapter"].update(start_layer=1, end_layer=5, prompt_tokens=3)
+        tree["data"]["image_size"] = TINY["encoder"]["img_size"]
     tree["train"].update(
-        micro_batch_size=args.micro,
-        global_batch_size=args.micro * world,
-        max_steps=args.warmup + args.steps,
-        optimizer="torch",  # no FusedAdam JIT build (needs nvcc) inside a timed check
+        micro_batch_size=micro,
+        global_batch_size=micro * world,
+        max_steps=steps,
+        optimizer="torch",  # no FusedAdam JIT build (nvcc) inside a timed check
     )
     return build_config(tree, source=str(CONFIG))
+
+
+def ds_config_for(stage: int, extra: dict) -> dict:
+    from epalm.ds_config import load_ds_config
+
+    base = load_ds_config(ROOT / "ds_configs" / f"zero{stage}.json")
+    base["zero_optimization"] = {**base.get("zero_optimization", {}), **extra}
+    return base
 
 
 def flops_per_sample(model, text_tokens: int) -> tuple[float, int, int]:
@@ -73,58 +98,77 @@ def flops_per_sample(model, text_tokens: int) -> tuple[float, int, int]:
     n_lm = count(model.lm, "embed_positions")  # the tied head is listed once, as the FLOP model wants
     vit = model.encoder.model
     n_enc = count(vit, "pos_embed")
-    patches = vit.patch_embed.num_patches
     prompt = model.prompt.num_tokens if model.prompt is not None else 0
     lm = lm_train_flops(n_lm, text_tokens + prompt)
-    enc = vit_forward_flops(n_enc, len(vit.blocks), vit.embed_dim, patches)
+    enc = vit_forward_flops(n_enc, len(vit.blocks), vit.embed_dim, vit.patch_embed.num_patches)
     return lm + enc, n_lm, n_enc
 
 
-def peak_memory(cuda: bool) -> int:
+def build_on_device(stage: int, ds_config: dict, device):
+    """epalm.engine.build_model, but random weights made where they will live: under zero.Init for ZeRO-3
+    (each rank initialises and keeps its partition), else straight on `device`."""
+    import deepspeed
+
+    import epalm.engine as engine_mod
+
+    original = engine_mod.build_model
+
+    def build(model_cfg, device_arg=None, with_encoder=True):
+        if stage != 3:
+            return original(model_cfg, device=device, with_encoder=with_encoder)
+        # transformers' post_init would index already-partitioned (empty) tensors: skip it under zero.Init
+        # and initialise the LM the way transformers' own ZeRO-3 `_from_config` does (gathered, per module)
+        from transformers.initialization import no_init_weights
+        from transformers.integrations.deepspeed import initialize_weights_zero3
+
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = original(model_cfg, with_encoder=with_encoder)
+        initialize_weights_zero3(model.lm)
+        model.lm.tie_weights()
+        return model
+
+    return original, build
+
+
+def measure(args, name: str, stage: int, precision: str, micro: int, extra: dict, steps: int | None, info):
     import torch
 
-    if cuda:
-        return torch.cuda.max_memory_allocated()
-    from bench._launch import proc_status_kib
-
-    return proc_status_kib("VmHWM") * 1024
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    import torch
+    import epalm.engine as engine_mod
+    from epalm.ds_config import build_ds_config
+    from epalm.engine import build_engine
+    from epalm.memory_plan import plan_memory
 
     cuda = torch.cuda.is_available()
-    if not cuda and not args.dry_run_cpu:
-        print("SKIP: no CUDA device (use --dry-run-cpu to exercise the code path on CPU)", flush=True)
-        return 0
-    from bench._launch import reset_peak_rss
-    from epalm.distributed import init_distributed
-    from epalm.ds_config import build_ds_config, load_ds_config
-    from epalm.engine import build_engine
-
+    steps = steps or args.steps
+    warmup = 0 if steps == 1 else args.warmup
+    if args.dry_run:
+        micro = max(1, micro // 8)
+    cfg = build_cfg(args.dry_run, micro, info.world_size, warmup + steps)
+    ds_config = build_ds_config(ds_config_for(stage, extra), cfg.train, info.world_size, precision, cuda)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    info = init_distributed()
-    cfg = build_cfg(args, info.world_size)
-    ds_config = build_ds_config(load_ds_config(DS_CONFIG), cfg.train, info.world_size, "bf16", cuda)
-    eng = build_engine(cfg, ds_config, total_steps=args.warmup + args.steps)
+    original, build = build_on_device(stage, ds_config, device)
+    engine_mod.build_model = build
+    try:
+        eng = build_engine(cfg, ds_config, total_steps=warmup + steps)
+    finally:
+        engine_mod.build_model = original
     build_s = time.perf_counter() - t0
     engine, model = eng.ds_engine, eng.model
-    device = engine.device
     flops, n_lm, n_enc = flops_per_sample(model, args.text_tokens)
-    size = cfg.data.image_size if not args.dry_run_cpu else TINY["encoder"]["img_size"]
-    vocab = model.lm.config.vocab_size
+    size = cfg.data.image_size
     g = torch.Generator().manual_seed(info.rank)
-    ids = torch.randint(4, min(vocab, 50000), (args.micro, args.text_tokens), generator=g)
+    ids = torch.randint(4, min(model.lm.config.vocab_size, 50000), (micro, args.text_tokens), generator=g)
     batch = {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "labels": ids.clone(),
-        "media": torch.randn(args.micro, 3, size, size, generator=g),
+        "media": torch.randn(micro, 3, size, size, generator=g),
     }
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(engine.device) for k, v in batch.items()}
     engine.train()
 
     def step() -> tuple[float, float]:
@@ -138,47 +182,96 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         return time.perf_counter() - start, out.loss.detach().float().item()
 
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         step()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_peak_rss()
-    timed = [step() for _ in range(args.steps)]
+    timed = [step() for _ in range(steps)]
     step_s = statistics.median(t for t, _ in timed)
-    samples_per_s = args.micro * info.world_size / step_s
-    result = {
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        "dry_run_cpu": args.dry_run_cpu,
+    samples_per_s = micro * info.world_size / step_s
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    plan = plan_memory(cfg, info.world_size, stage, micro, precision, args.text_tokens)
+    engine = model = eng = None  # drop the engine before the next one is built
+    gc.collect()
+    return {
+        "name": name,
+        "zero_stage": stage,
+        "precision": precision,
+        "zero_extra": extra,
+        "micro_batch": micro,
         "world_size": info.world_size,
-        "zero_stage": eng.stage,
-        "dtype": str(eng.dtype),
-        "optimizer": eng.optimizer_kind,
-        "micro_batch": args.micro,
         "text_tokens": args.text_tokens,
         "n_lm": n_lm,
         "n_encoder": n_enc,
-        "build_s": round(build_s, 1),
-        "steps": args.steps,
+        "build_s": round(build_s, 2),
+        "steps": steps,
         "step_s_median": step_s,
         "samples_per_s": samples_per_s,
         "flops_per_sample": flops,
         "mfu": flops * samples_per_s / info.world_size / BF16_PEAK,
-        "peak_memory_bytes_in_steps": peak_memory(cuda),
+        "peak_memory_bytes": peak,
+        "planned_bytes_per_gpu": plan.total_bytes_per_gpu,
+        "planned_last_line": plan.last_line(),
         "losses": [loss for _, loss in timed],
-        "torch": torch.__version__,
     }
+
+
+def summary(r: dict) -> str:
+    if "error" in r:
+        return f"RESULT {r['name']}: FAILED ({r['error'].splitlines()[-1][:200]})"
+    mem = "n/a (CPU)" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f} GiB"
+    return (
+        f"RESULT {r['name']}: ZeRO-{r['zero_stage']} {r['precision']} micro-batch {r['micro_batch']}: "
+        f"{r['samples_per_s']:.1f} samples/s, step {r['step_s_median'] * 1e3:.0f} ms, MFU {r['mfu']:.1%} "
+        f"of {BF16_PEAK / 1e12:.0f} TFLOP/s, peak memory {mem} (planned {r['planned_bytes_per_gpu'] / 2**30:.1f} "
+        f"GiB), build {r['build_s']:.0f} s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.dry_run:
+        print("SKIP: no CUDA device (use --dry-run to exercise the code path on CPU)", flush=True)
+        return 0
+    from epalm.distributed import init_distributed
+
+    info = init_distributed()
+    results = []
+    for name, stage, precision, micro, extra, steps in MEASUREMENTS:
+        if args.only and name not in args.only:
+            continue
+        if precision == "fp16" and not cuda:
+            results.append({"name": name, "skipped": "fp16 needs CUDA (epalm.engine refuses it on CPU)"})
+            print(f"RESULT {name}: SKIPPED on CPU (fp16 needs CUDA)", flush=True)
+            continue
+        try:
+            r = measure(args, name, stage, precision, micro, extra, steps, info)
+        except Exception as e:  # OOM or an op that cannot build: record it, run the rest
+            r = {
+                "name": name,
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()[-4000:],
+            }
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        results.append(r)
+        if info.rank == 0:
+            print(summary(r), flush=True)
     if info.rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_train.json").write_text(json.dumps(result, indent=1))
-        print(
-            f"RESULT {result['device']}: ZeRO-{eng.stage} bf16, micro-batch {args.micro}, "
-            f"{samples_per_s:.1f} samples/s, step {step_s * 1e3:.0f} ms, MFU {result['mfu']:.1%} "
-            f"(of {BF16_PEAK / 1e12:.0f} TFLOP/s), peak memory {result['peak_memory_bytes_in_steps'] / 2**30:.2f} GiB, "
-            f"build {build_s:.0f} s -> {out / 'gpu_train.json'}",
-            flush=True,
-        )
+        doc = {
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "dry_run": args.dry_run,
+            "torch": torch.__version__,
+            "measurements": results,
+        }
+        (out / "gpu_train.json").write_text(json.dumps(doc, indent=1))
+        print(f"wrote {out / 'gpu_train.json'}", flush=True)
     return 0
 
 

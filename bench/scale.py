@@ -1,0 +1,312 @@
+"""Full size on CPU: eP-ALM pt-L (OPT-6.7B + ViT-L/16) trained from a 13.9 GB bf16 sharded-safetensors
+checkpoint under ZeRO-3 on 2 CPU ranks, then checkpoint, kill -9, `--resume auto`. Reports load time, peak
+RSS per rank (load / steps), s/step, checkpoint bytes and whether the resumed adapter equals a straight run.
+
+Random OPT-6.7B weights are written once (tensor by tensor, ~2 GB shards) under $EPALM_SCALE_CACHE
+(default /work/scale_cache) and reused. Not CI: ~20-40 minutes on 2 cores, ~20 GB of RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from bench._launch import ROOT, VENV_BIN, bench_env, machine_load
+
+CACHE = Path(os.environ.get("EPALM_SCALE_CACHE", "/work/scale_cache"))
+CONFIG = "launch/configs/image/vqa_v2_pt_L.yaml"
+DS_CONFIG = "ds_configs/zero3.json"
+COMMAND = "nice -n 19 python -m bench.run scale"
+SHARD_BYTES = 2 * 2**30
+STEPS, SAVE_EVERY = 2, 1
+MIN_AVAILABLE = 1.0 * 2**30  # abort (kill the run) below this much free memory: the machine is shared
+GIB = 2**30
+
+
+SMOKE_LM = dict(
+    hidden_size=64, ffn_dim=256, num_attention_heads=4, word_embed_proj_dim=64
+)  # EPALM_SCALE_SMOKE=1
+
+
+def write_random_opt(out: Path, overrides: dict | None = None, arch: str = "6.7b") -> Path:
+    """Random OPT-`arch` (std 0.02, LayerNorms at 1/0) in bf16 as `model-0000k-of-0000n.safetensors` + index,
+    written one tensor at a time (peak ~1 shard in memory). Reused when the index is there."""
+    import torch
+    from safetensors.torch import save_file
+
+    from epalm.config import LMConfig
+    from epalm.model.language_model import build_language_model
+
+    index_path = out / "model.safetensors.index.json"
+    if index_path.is_file():
+        return out
+    lm = build_language_model(
+        LMConfig(name=arch, pretrained=False, dtype="bfloat16", config_overrides=overrides or {}),
+        device="meta",
+    )
+    names = [(k, tuple(v.shape)) for k, v in lm.state_dict().items() if k != "lm_head.weight"]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    lm.config.save_pretrained(tmp)
+    groups, current, size = [], [], 0
+    for name, shape in names:
+        n = 2 * int(torch.Size(shape).numel())
+        if current and size + n > SHARD_BYTES:
+            groups.append(current)
+            current, size = [], 0
+        current.append((name, shape))
+        size += n
+    groups.append(current)
+    g = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name, shape in group:
+            if "layer_norm" in name:
+                t = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+                t = t.to(torch.bfloat16)
+            else:
+                t = (torch.randn(shape, generator=g, dtype=torch.bfloat16) * 0.02).contiguous()
+            tensors[name] = t
+            total += t.numel() * 2
+        save_file(tensors, tmp / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, fname))
+        del tensors
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
+    tmp.rename(out)
+    return out
+
+
+def write_data(out: Path) -> tuple[Path, Path]:
+    """A small tokenizer (ids < OPT's vocab) and 2 image-QA shards of 16 samples."""
+    from epalm.tokenizer_trainer import save_tokenizer
+    from tests.shard_fixtures import write_dataset
+
+    tok = out / "tok"
+    if not (out / ".done").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        save_tokenizer([f"what digit is {i}? seven one" for i in range(64)] * 4, tok, vocab_size=300)
+        write_dataset(out / "train", [16, 16], task="qa", modality="image")
+        (out / ".done").write_text("ok")
+    return tok, out / "train"
+
+
+def _status_kib(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def _rank_pids(root_pid: int) -> dict[int, int]:
+    """rank -> pid of the launch/train.py processes under the launcher."""
+    import psutil
+
+    ranks = {}
+    try:
+        for child in psutil.Process(root_pid).children(recursive=True):
+            try:
+                cmd = " ".join(child.cmdline())
+                if "launch/train.py" in cmd and "deepspeed.launcher" not in cmd:
+                    rank = child.environ().get("RANK")
+                    if rank is not None:
+                        ranks[int(rank)] = child.pid
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+    except psutil.NoSuchProcess:
+        pass
+    return ranks
+
+
+def launch(run_dir: Path, overrides: list[str], *extra: str, fault: str = "", timeout: int = 3600) -> dict:
+    """One `deepspeed --num_gpus 2 launch/train.py` run at nice 19, sampling each rank's RSS every 0.5 s.
+
+    The load phase ends when rank 0 logs its built engine ("ZeRO stage"); the rest is the steps phase."""
+    import psutil
+
+    log_path = run_dir.parent / f"{run_dir.name}{'-killed' if fault else ''}-{int(time.time())}.log"
+    cmd = [
+        "nice", "-n", "19", str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()),
+        "launch/train.py", "--ds_config", DS_CONFIG, "--config", CONFIG, *extra, *overrides,
+    ]  # fmt: skip
+    env = bench_env(**({"EPALM_FAULT": fault} if fault else {}))
+    start = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    peaks = {"load": {}, "steps": {}}
+    loaded_at, aborted = None, None
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal loaded_at, aborted
+        while not stop.is_set():
+            if loaded_at is None and "ZeRO stage" in log_path.read_text(errors="replace"):
+                loaded_at = time.time()
+            phase = "load" if loaded_at is None else "steps"
+            for rank, pid in _rank_pids(proc.pid).items():
+                s = _status_kib(pid)
+                cur = peaks[phase].setdefault(rank, {})
+                for k, v in s.items():
+                    cur[k] = max(cur.get(k, 0), v)
+            if psutil.virtual_memory().available < MIN_AVAILABLE and aborted is None:
+                aborted = f"free memory under {MIN_AVAILABLE / GIB:.1f} GiB at {time.time() - start:.0f} s"
+                os.killpg(proc.pid, signal.SIGKILL)
+            stop.wait(0.5)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        rc, aborted = proc.wait(), f"timed out after {timeout} s"
+    stop.set()
+    thread.join()
+    return {
+        "rc": rc,
+        "aborted": aborted,
+        "wall_s": time.time() - start,
+        "load_s": None if loaded_at is None else loaded_at - start,
+        "peaks_kib": peaks,
+        "log": str(log_path),
+    }
+
+
+def _port() -> int:
+    from epalm.distributed import free_port
+
+    return free_port()
+
+
+def step_times(run_dir: Path) -> list[float]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    times = [r["time"] for r in records if "loss" in r]
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> str:
+    import psutil
+
+    smoke = os.environ.get("EPALM_SCALE_SMOKE") == "1"  # a 32-layer OPT of width 64: checks the bench itself
+    arch = os.environ.get("EPALM_SCALE_LM", "6.7b")  # "2.7b" (also 32 layers) where 6.7B does not fit
+    name = "opt-smoke" if smoke else f"opt-{arch}-random-bf16"
+    weights = write_random_opt(CACHE / name, SMOKE_LM if smoke else None, arch)
+    tok, train = write_data(CACHE / "data")
+    runs = CACHE / f"runs-{name}"
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir()
+    avail = psutil.virtual_memory().available
+
+    def overrides(run_dir: Path) -> list[str]:
+        return [
+            f"model.lm.name={weights}", "model.lm.pretrained=true", f"model.lm.tokenizer={tok}",
+            "model.encoder.pretrained=false", f"data.train=[{{path: {train}}}]", "data.val=null",
+            "data.test=null", "data.num_workers=0", "train.micro_batch_size=1", "train.global_batch_size=2",
+            f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=0",
+            "train.log_every=1", "train.optimizer=torch", "train.warmup_steps=1", f"run_dir={run_dir}",
+        ]  # fmt: skip
+
+    straight = launch(runs / "straight", overrides(runs / "straight"))
+    results = {"straight": straight}
+    if straight["rc"] == 0 and os.environ.get("EPALM_SCALE_RESUME", "1") == "1":
+        killed = launch(runs / "resumed", overrides(runs / "resumed"), fault=f"kill_after_step:{STEPS}")
+        resumed = launch(runs / "resumed", overrides(runs / "resumed"), "--resume", "auto")
+        results.update(killed=killed, resumed=resumed)
+    (runs / "scale_result.json").write_text(json.dumps(results, indent=1, default=str))
+    return report(results, weights, runs, avail)
+
+
+def _gib(kib: int | None) -> str:
+    return "-" if not kib else f"{kib * 1024 / GIB:.2f}"
+
+
+def report(results: dict, weights: Path, runs: Path, avail: int) -> str:
+    weight_bytes = dir_bytes(weights)
+    target = 0.6 * weight_bytes
+    lines = [
+        "## Full size on CPU: pt-L (OPT-6.7B + ViT-L/16) under ZeRO-3, 2 ranks",
+        "",
+        f"`{COMMAND}` — `deepspeed --num_gpus 2 launch/train.py --ds_config {DS_CONFIG} --config {CONFIG}` with",
+        f"`model.lm.name=` a random OPT-6.7B written once as bf16 sharded safetensors ({weight_bytes / 1e9:.2f} GB,",
+        "`bench/scale.py`), a random ViT-L/16, micro-batch 1 per rank, torch AdamW, "
+        f"{STEPS} steps with a checkpoint at step {SAVE_EVERY}; then the same run killed (`kill -9`) after step "
+        f"{STEPS} and `--resume auto`. {machine_load()} at the end; {avail / GIB:.1f} GiB available at the start.",
+        "",
+        "| run | rc | load s (to engine built) | wall s | rank | peak RSS load GiB (anon / file) | "
+        "peak RSS steps GiB (anon / file) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        for rank in (0, 1):
+            load = r["peaks_kib"]["load"].get(rank, {}) or r["peaks_kib"]["load"].get(str(rank), {})
+            steps = r["peaks_kib"]["steps"].get(rank, {}) or r["peaks_kib"]["steps"].get(str(rank), {})
+            load_s = "-" if r["load_s"] is None else f"{r['load_s']:.0f}"
+            lines.append(
+                f"| {name} | {r['rc']}{' (' + r['aborted'] + ')' if r['aborted'] else ''} | {load_s} | "
+                f"{r['wall_s']:.0f} | {rank} | {_gib(load.get('VmRSS'))} ({_gib(load.get('RssAnon'))} / "
+                f"{_gib(load.get('RssFile'))}) | {_gib(steps.get('VmRSS'))} ({_gib(steps.get('RssAnon'))} / "
+                f"{_gib(steps.get('RssFile'))}) |"
+            )
+    lines.append("")
+    straight = runs / "straight"
+    if (straight / "metrics.jsonl").is_file():
+        dts = step_times(straight)
+        lines.append(f"- s/step (straight run, steps 2..{STEPS}): {', '.join(f'{d:.1f}' for d in dts)}")
+    ck = straight / "checkpoints" / f"step_{SAVE_EVERY:08d}"
+    if ck.is_dir():
+        files = sorted((p.relative_to(ck).as_posix(), p.stat().st_size) for p in ck.rglob("*") if p.is_file())
+        lines.append(
+            f"- checkpoint `{ck.name}`: {dir_bytes(ck):,} bytes in {len(files)} files (adapter + optimizer state "
+            f"+ trainer state; no frozen weights): " + ", ".join(f"{n} {s:,}" for n, s in files)
+        )
+    a, b = straight / "adapter" / "adapter.safetensors", runs / "resumed" / "adapter" / "adapter.safetensors"
+    if a.is_file() and b.is_file():
+        lines.append(
+            f"- resumed adapter equals the straight run's, byte for byte: **{a.read_bytes() == b.read_bytes()}**"
+        )
+    else:
+        lines.append("- resumed adapter: not compared (a run did not finish)")
+    peak_anon = max(
+        (
+            v.get("RssAnon", 0)
+            for r in results.values()
+            for ph in r["peaks_kib"].values()
+            for v in ph.values()
+        ),
+        default=0,
+    )
+    peak_rss = max(
+        (v.get("VmRSS", 0) for r in results.values() for ph in r["peaks_kib"].values() for v in ph.values()),
+        default=0,
+    )
+    lines.append(
+        f"- target peak RSS per rank <= 0.6 x {weight_bytes / 1e9:.1f} GB = {target / GIB:.2f} GiB: peak anonymous "
+        f"{peak_anon * 1024 / GIB:.2f} GiB, peak RSS incl. file-backed (mmap'd safetensors) pages "
+        f"{peak_rss * 1024 / GIB:.2f} GiB"
+    )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(main())

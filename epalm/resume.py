@@ -1,0 +1,141 @@
+"""Which checkpoint a run continues from: `--resume auto` takes the newest step that verifies (skipping and
+logging the others), an explicit step must verify; the chosen step becomes the head of the line (`latest`),
+and newer steps are moved aside to `checkpoints/set_aside/` so later saves can take their place."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from epalm.checkpoint_manifest import verify_checkpoint
+from epalm.config import ConfigError
+from epalm.distributed import DistInfo, broadcast_from_rank0
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"  # a file holding the tag of the newest complete checkpoint (same format as DeepSpeed's)
+SET_ASIDE = "set_aside"  # newer steps of an abandoned line (bad ones, or past an explicit --resume)
+TAG = re.compile(r"^step_(\d{8,})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def committed_steps(root: Path) -> list[Path]:
+    """Step directories under `root`, newest first (temporary `.tmp-*` ones never count)."""
+    if not root.is_dir():
+        return []
+    steps = [p for p in root.iterdir() if p.is_dir() and TAG.match(p.name)]
+    return sorted(steps, key=lambda p: int(TAG.match(p.name).group(1)), reverse=True)
+
+
+def read_latest(root: Path) -> str | None:
+    pointer = root / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def agreed_resume(resume: str | None, run_dir: str | Path, info: DistInfo) -> Path | None:
+    """`resolve_resume` on rank 0 (which holds the run lock, so it also makes the head), its answer on every
+    rank: one verification, and the same checkpoint, or the same ConfigError, everywhere."""
+    if resume is None:
+        return None
+    outcome: tuple[str | None, list[str]] = (None, [])
+    if info.rank == 0:
+        try:
+            path = resolve_resume(resume, run_dir, make_head=True)
+            outcome = (None if path is None else str(path), [])
+        except ConfigError as e:
+            outcome = (None, e.problems)
+        except Exception as e:  # never leave the other ranks waiting in the broadcast
+            outcome = (None, [f"--resume {resume}: {type(e).__name__}: {e}"])
+    path, problems = broadcast_from_rank0(outcome, info)
+    if problems:
+        raise ConfigError(problems)
+    return None if path is None else Path(path)
+
+
+def resolve_resume(resume: str | None, run_dir: str | Path, make_head: bool = False) -> Path | None:
+    """The verified checkpoint directory to continue from, or None for a fresh start.
+
+    `resume`: None (fresh), "auto" (newest verified step under run_dir/checkpoints; fresh if there is none),
+    a step number, a step directory, or a directory holding `latest`. With `make_head` (rank 0, holding the
+    run lock) the chosen step becomes `latest` and newer steps are moved aside. Raises ConfigError naming
+    every file at fault when nothing usable is found.
+    """
+    if resume is None:
+        return None
+    run_dir = Path(run_dir)
+    if resume == "auto":
+        path = _newest_verified(run_dir / "checkpoints", missing_ok=True)
+    else:
+        path = Path(resume)
+        if resume.isdigit() and not path.exists():
+            path = run_dir / "checkpoints" / tag_for(int(resume))
+        if TAG.match(path.name) or (path / "trainer_state.json").exists():
+            problems = verify_checkpoint(path)
+            if problems:
+                raise ConfigError([f"--resume {resume}: {p}" for p in problems])
+        elif (path / LATEST).is_file() or committed_steps(path):
+            path = _newest_verified(path, missing_ok=False)
+        else:
+            raise ConfigError([f"--resume {resume}: neither a checkpoint nor a directory with '{LATEST}'"])
+    if (
+        make_head
+        and path is not None
+        and TAG.match(path.name)
+        and _same(path.parent, run_dir / "checkpoints")
+    ):
+        make_line_head(path)  # (a checkpoint of another run directory is only read)
+    return path
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def _newest_verified(root: Path, missing_ok: bool) -> Path | None:
+    latest = read_latest(root)
+    steps = committed_steps(root)
+    if latest is not None and not (root / latest).is_dir():
+        log.warning(
+            "%s names %r, which does not exist: using the newest verified step", root / LATEST, latest
+        )
+    skipped = []
+    for step in steps:
+        problems = verify_checkpoint(step)
+        if not problems:
+            for name, why in skipped:
+                log.warning("resume: skipped %s: %s", name, "; ".join(why))
+            if skipped:
+                log.warning("resume: falling back to %s", step)
+            return step
+        skipped.append((step.name, problems))
+    if not steps and latest is None and missing_ok:
+        return None  # nothing saved yet: a fresh start
+    why = [f"{name}: {p}" for name, problems in skipped for p in problems]
+    if latest is not None and not steps:
+        why.append(f"{root / LATEST} names {latest!r}, which does not exist")
+    raise ConfigError([f"no usable checkpoint in {root}", *why])
+
+
+def make_line_head(step_dir: Path) -> None:
+    """`latest` names `step_dir`; newer step directories move to `set_aside/` (kept, never loaded or pruned)."""
+    root = step_dir.parent
+    step = int(TAG.match(step_dir.name).group(1))
+    for newer in committed_steps(root):
+        if int(TAG.match(newer.name).group(1)) <= step:
+            break
+        target = root / SET_ASIDE / newer.name
+        n = 1
+        while target.exists():
+            target, n = root / SET_ASIDE / f"{newer.name}.{n}", n + 1
+        target.parent.mkdir(exist_ok=True)
+        os.replace(newer, target)
+        log.warning("resume from %s: moved the newer %s aside to %s", step_dir.name, newer.name, target)
+    if read_latest(root) != step_dir.name:
+        tmp = root / f".{LATEST}.tmp"
+        tmp.write_text(step_dir.name)
+        os.replace(tmp, root / LATEST)

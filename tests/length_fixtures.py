@@ -1,0 +1,68 @@
+"""VQA v2 style eval shards whose questions differ in length (the demo's all share one question)."""
+
+from __future__ import annotations
+
+import json
+import random
+import tarfile
+from pathlib import Path
+
+from epalm.data import schema
+from tests.shard_fixtures import add_member, jpeg_bytes
+
+WORDS = [
+    "what",
+    "which",
+    "where",
+    "is",
+    "are",
+    "the",
+    "a",
+    "of",
+    "on",
+    "in",
+    "color",
+    "shape",
+    "left",
+    "right",
+    "man",
+    "dog",
+    "this",
+    "that",
+    "there",
+]
+
+
+def varied_question(rng: random.Random, min_words: int = 3, max_words: int = 18) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) + "?"
+
+
+def write_varied_vqa_shards(root: Path, counts: list[int], seed: int = 0) -> Path:
+    """Shards of `counts` samples; sample i asks a question of 3..18 words (uniform) about a grey image."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True)
+    shards, index = [], 0
+    for s, count in enumerate(counts):
+        name = schema.shard_name("val", s)
+        with tarfile.open(root / name, "w") as tar:
+            for _ in range(count):
+                key = f"{index:09d}"
+                answer = ["seven", "one"][index % 2]
+                meta = {
+                    "id": key,
+                    "source": "vqav2",
+                    "split": "val",
+                    "task": "qa",
+                    "modality": "image",
+                    "question_id": 1000 + index,
+                    "image_id": index,
+                    "question": varied_question(rng),
+                    "answers": [{"answer": answer, "score": 1.0}],
+                }
+                add_member(tar, f"{key}.json", json.dumps(meta).encode())
+                add_member(tar, f"{key}.jpg", jpeg_bytes(shade=(37 * index) % 256))
+                index += 1
+        shards.append({"name": name, "num_samples": count})
+    manifest = {"num_samples": index, "shards": shards, "split": "val", "fingerprint": None}
+    (root / schema.MANIFEST).write_text(json.dumps(manifest))
+    return root

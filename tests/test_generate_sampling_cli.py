@@ -1,0 +1,72 @@
+"""`python -m epalm.generate` sampling flags: a seed fixes the output, bad settings are an error (exit 2), and the
+GPU generation check runs its CPU dry run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_eval_run import make_adapter
+from tests.test_generate_cli import cli
+
+
+@pytest.fixture(scope="module")
+def adapter_and_image(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample_cli")
+    png = root / "picture.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(24, 40, 3), dtype=np.uint8)).save(png)
+    return make_adapter(root), png
+
+
+def test_seeded_sampling_is_reproducible(adapter_and_image, capsys):
+    adapter, png = adapter_and_image
+    base = [
+        "--adapter",
+        str(adapter),
+        "--image",
+        str(png),
+        "--do-sample",
+        "--top-k",
+        "0",
+        "--max-new-tokens",
+        "8",
+    ]
+    outs = []
+    for seed in ("1", "1", "2", "3"):
+        code, out, err = cli(capsys, *base, "--seed", seed, "--temperature", "1.5")
+        assert code == 0, err
+        outs.append(out)
+    assert outs[0] == outs[1]
+    assert len(set(outs[1:])) > 1  # 8 tokens from ~300 at temperature 1.5: other seeds, other text
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "0"], "temperature"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--top-k", "-1"], "top_k"),
+        (["--num-beams", "3"], "num_beams=1"),
+    ],
+)
+def test_bad_sampling_settings_are_an_error(adapter_and_image, capsys, flags, message):
+    adapter, png = adapter_and_image
+    code, _, err = cli(capsys, "--adapter", str(adapter), "--image", str(png), "--do-sample", *flags)
+    assert code == 2 and message in err
+
+
+def test_gpu_generation_check_dry_run(tmp_path, capsys):
+    from tests.gpu import check_generation
+
+    argv = ["--dry-run", "--batch", "2", "--new-tokens", "4", "--repeats", "1", "--out", str(tmp_path)]
+    assert check_generation.main(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads((tmp_path / "gpu_generation.json").read_text())
+    assert set(result["new_tokens_per_s"]) == {"new", "old", "hf"}
+    assert result["new_over_hf"] == pytest.approx(
+        result["new_tokens_per_s"]["new"] / result["new_tokens_per_s"]["hf"]
+    )
+    assert "generation beam 3 batch 2" in line
