@@ -43,6 +43,7 @@ from epalm import atomic
 from epalm.data import schema
 from epalm.data.media import npy_bytes
 from epalm.data.stream import ShardList, iter_range, load_manifest
+from epalm.digest import file_sha256
 from epalm.distributed import DistInfo, get_dist_info, slurm_env_exports
 
 EXIT_REQUEUE = 75  # as launch/train.py: stopped by a signal, finished shards kept; requeue and re-run
@@ -219,7 +220,7 @@ def write_shard(out: Path, name: str, bid: str, fp: dict, state: InFlight) -> di
         "num_records": len(state.samples),
         "num_samples": len(samples),
         "bytes": (out / name).stat().st_size if samples else 0,
-        "sha256": writer.file_sha256(out / name) if samples else None,
+        "sha256": file_sha256(out / name) if samples else None,
         "skipped": dict(sorted(Counter(r for _, r, _ in skipped).items())),
         "skipped_samples": skipped,
     }

@@ -25,6 +25,7 @@ from data_shards.sources.base import Record
 from epalm import atomic
 from epalm.data import schema
 from epalm.data.media import SkipSample, npy_bytes
+from epalm.digest import file_sha256
 
 KEY_WIDTH = 9  # sample keys are the zero-padded record index: sortable, dot-free, stable
 
@@ -85,14 +86,6 @@ def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
                 writer.write({"__key__": key, **members})
         f.flush()
         os.fsync(f.fileno())
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_done(out: Path, name: str, bid: str) -> dict | None:

@@ -5,23 +5,15 @@ directory against a manifest in a way we could use (DeepSpeed verifies nothing o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
 from pathlib import Path
 
+from epalm.digest import file_sha256
+
 MANIFEST = "checkpoint_manifest.json"
 TRAINER_STATE = "trainer_state.json"
-_CHUNK = 1 << 22
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(step_dir: Path) -> list[Path]:
@@ -32,7 +24,7 @@ def write_manifest(step_dir: str | Path) -> Path:
     """Record size and SHA-256 of every file under `step_dir` in `MANIFEST` (write + fsync + rename)."""
     step_dir = Path(step_dir)
     files = {
-        str(p.relative_to(step_dir)): {"size": p.stat().st_size, "sha256": file_digest(p)}
+        str(p.relative_to(step_dir)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
         for p in _files(step_dir)
     }
     path = step_dir / MANIFEST
@@ -82,7 +74,7 @@ def verify_checkpoint(step_dir: str | Path, checksums: bool = True) -> list[str]
                 problems.append(f"{path}: missing")
             elif (size := path.stat().st_size) != want["size"]:
                 problems.append(f"{path}: {size} bytes, the manifest records {want['size']} (truncated?)")
-            elif checksums and file_digest(path) != want["sha256"]:
+            elif checksums and file_sha256(path) != want["sha256"]:
                 problems.append(f"{path}: SHA-256 differs from the manifest (the file was altered)")
     else:
         problems += [

@@ -12,7 +12,6 @@ shards live is `epalm.data.sources`'.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from webdataset.tariterators import tar_file_iterator
 
 from epalm.data import schema, sources
 from epalm.data.sources import ShardCache, ShardReadError
+from epalm.digest import file_sha256
 
 log = logging.getLogger(__name__)
 UNSAFE_POLICIES = ("error", "skip")
@@ -91,14 +91,6 @@ def load_manifest(root: str | os.PathLike, retries: int = 3) -> tuple[dict, Shar
     if sum(counts) != total:
         raise ValueError(f"{url}: shard counts sum to {sum(counts)}, num_samples is {total}")
     return manifest, ShardList(root, names, counts, sizes, sha, retries)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_shards(shards: ShardList, verify_checksums: bool = False) -> None:
