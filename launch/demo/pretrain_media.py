@@ -43,7 +43,9 @@ def load_train_media(kind: str, shards: Path) -> tuple[torch.Tensor, torch.Tenso
     """Eval-transformed media of every sample of the train shards and the generator's class index."""
     manifest, shard_list = load_manifest(shards)
     if manifest.get("split") != "train":
-        raise ValueError(f"{shards}: split {manifest.get('split')!r}; the encoder may see the train split only")
+        raise ValueError(
+            f"{shards}: split {manifest.get('split')!r}; the encoder may see the train split only"
+        )
     pieces = [(i, 0, n) for i, n in enumerate(shard_list.counts)]
     image, audio = ImageTransform(size=DEMO_TIMESFORMER["image_size"]), AudioTransform()
     media, labels = [], []
@@ -79,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     media, labels = load_train_media(args.kind, args.shards)
     num_labels = int(labels.max()) + 1
     if args.kind == "timesformer":
-        model = TimesformerForVideoClassification(TimesformerConfig(num_labels=num_labels, **DEMO_TIMESFORMER))
+        model = TimesformerForVideoClassification(
+            TimesformerConfig(num_labels=num_labels, **DEMO_TIMESFORMER)
+        )
         base = model.timesformer
     else:
         model = ASTForAudioClassification(ASTConfig(num_labels=num_labels, **DEMO_AST))
@@ -98,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
             loss.backward()
             opt.step()
             correct += int((logits.argmax(-1) == labels[idx]).sum())
-        print(f"{args.kind} epoch {epoch + 1}/{args.epochs}: train accuracy {100 * correct / len(labels):.1f}%")
+        print(
+            f"{args.kind} epoch {epoch + 1}/{args.epochs}: train accuracy {100 * correct / len(labels):.1f}%"
+        )
     base.save_pretrained(args.out)
     print(f"wrote {args.out} ({len(labels)} train clips, {time.time() - start:.0f} s)")
 
