@@ -52,7 +52,7 @@ def _setup(tmp: Path, modality: str) -> Path:
 
 def _run(config: Path, *args: str, fault: str = "", expect: int | None = 0):
     r = launch("deepspeed", config, "--precision", "fp32", "--ds_config", str(ROOT / "ds_configs/zero3.json"),
-               *args, fault=fault)  # fmt: skip
+               *args, fault=fault, timeout=420)  # fmt: skip
     if expect is not None:
         assert r.returncode == expect, (r.stdout[-3000:], r.stderr[-3000:])
     return r
