@@ -38,6 +38,16 @@ def split_ids(n: int, num_heldout: int, seed: int = SEED) -> dict[str, list[int]
     }
 
 
+def shape_direction(video_id: str) -> int:
+    """The class index (into sorted DIRECTIONS) that write_shapes gave clip `clipNNNNN`: the generator's label."""
+    return int(video_id.removeprefix("clip")) % len(DIRECTIONS)
+
+
+def tone_pitch(audio_id: str) -> int:
+    """The class index (into sorted PITCHES) that write_tones gave `toneNNNNN`: the generator's label."""
+    return int(audio_id.removeprefix("tone")) % len(PITCHES)
+
+
 def write_digit_image(path: Path, pixels: np.ndarray, size: int = 32) -> None:
     """An 8x8 scikit-learn digit (0..16, ink high) as dark ink on white paper, upscaled to size x size."""
     gray = (255 - pixels.astype(np.float32) * (255 / 16)).clip(0, 255).astype(np.uint8)

@@ -23,6 +23,8 @@ import yaml
 Dtype = Literal["float32", "float16", "bfloat16"]
 # the input each encoder kind takes (a config with another data.modality cannot run)
 ENCODER_MODALITY = {"vit": "image", "timesformer": "video", "ast": "audio"}
+# what a training dataset may hold besides: a TimeSformer reads an image as a one-frame clip
+EXTRA_MODALITIES = {"timesformer": ("image",)}
 
 
 class ConfigError(ValueError):
@@ -95,6 +97,9 @@ class DatasetConfig:
 
     path: str  # a shard directory holding manifest.json
     weight: float = 1.0  # relative sampling weight in the mixture
+    modality: Literal["image", "video", "audio"] | None = (
+        None  # when not data.modality (images in a video run)
+    )
 
 
 @dataclass(frozen=True)
@@ -363,6 +368,13 @@ def validate(cfg: Config, ok: Callable[..., bool] = lambda *paths: True) -> list
                 f"data.modality: {cfg.data.modality!r} does not match model.encoder.kind "
                 f"{m.encoder.kind!r}, which takes {expected} input"
             )
+        allowed = (expected, *EXTRA_MODALITIES.get(m.encoder.kind, ()))
+        for i, d in enumerate(cfg.data.train):
+            if ok(f"data.train[{i}]") and d.modality is not None and d.modality not in allowed:
+                problems.append(
+                    f"data.train[{i}].modality: {d.modality!r}, but model.encoder.kind {m.encoder.kind!r} "
+                    f"takes {' or '.join(allowed)} input"
+                )
     t = cfg.train
     for name in ("global_batch_size", "micro_batch_size"):
         if ok(f"train.{name}") and getattr(t, name) <= 0:

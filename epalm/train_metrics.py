@@ -27,11 +27,16 @@ class Window:
     steps: int = 0
     time: float = 0.0
     data_wait: float = 0.0
+    modalities: dict[str, int] = field(
+        default_factory=dict
+    )  # micro-batches per modality (equal on all ranks)
 
-    def add(self, loss: torch.Tensor, tokens: int, samples: int) -> None:
+    def add(self, loss: torch.Tensor, tokens: int, samples: int, modality: str | None = None) -> None:
         self.losses.append(loss)  # kept as tensors: no device sync per micro-step
         self.tokens += tokens
         self.samples += samples
+        if modality is not None:
+            self.modalities[modality] = self.modalities.get(modality, 0) + 1
 
     def reduce(self, world_size: int) -> dict[str, float]:
         loss_sum = torch.stack(self.losses).sum().cpu() if self.losses else torch.zeros(())
@@ -50,6 +55,7 @@ class Window:
             "step_time_s": elapsed / max(self.steps, 1),
             "data_wait_pct": 100.0 * wait / world_size / elapsed,
             "peak_mem_mb": peak_memory_mb(),
+            **{f"micro_batches/{m}": float(n) for m, n in sorted(self.modalities.items())},
         }
 
 

@@ -63,7 +63,7 @@ def build_train_setup(
     try:
         tokenizer = build_tokenizer(cfg.model.lm.tokenizer or cfg.model.lm.name)
         fingerprint = expected_fingerprint(cfg) if cfg.data.use_features else None
-        specs = [_spec(cfg, d.path, d.weight, fingerprint) for d in cfg.data.train]
+        specs = [_spec(cfg, d.path, d.weight, fingerprint, d.modality) for d in cfg.data.train]
         loader = build_train_loader(specs, tokenizer, num_workers=cfg.data.num_workers, **loader_kwargs)
         # built now so a bad validation set fails before training; reset to its start at each evaluation
         val_loaders = (
@@ -83,9 +83,11 @@ def build_train_setup(
     )
 
 
-def _spec(cfg: Config, path: str, weight: float, fingerprint: dict | None) -> DatasetSpec:
+def _spec(
+    cfg: Config, path: str, weight: float, fingerprint: dict | None, modality: str | None = None
+) -> DatasetSpec:
     d = cfg.data
-    return DatasetSpec(path, d.task, d.modality, weight, d.use_features, fingerprint)
+    return DatasetSpec(path, d.task, modality or d.modality, weight, d.use_features, fingerprint)
 
 
 def expected_fingerprint(cfg: Config) -> dict:

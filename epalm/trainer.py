@@ -138,7 +138,10 @@ class Trainer:
             engine.backward(out.loss)
             engine.step()
             window.add(
-                out.loss.detach().float(), int(batch["attention_mask"].sum()), batch["input_ids"].shape[0]
+                out.loss.detach().float(),
+                int(batch["attention_mask"].sum()),
+                batch["input_ids"].shape[0],
+                batch["modality"],
             )
         window.steps += 1
         window.time += time.perf_counter() - start

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `make demo`: the whole system on this CPU machine, end to end, in a few minutes.
+#   Three tasks: digits VQA (image, ViT), shapes QA (video, TimeSformer), tones captions (audio, AST).
 #   1. demo data in the datasets' real formats, then shards   (python -m data_shards.demo)
 #   2. the frozen parts' "pretraining", train split only       (launch/demo/tokenizer.py, pretrain_encoder.py)
 #   3. training with the real launcher, 2 ranks, ZeRO-3        (deepspeed --num_gpus 2 launch/train.py)
-#   4. evaluation on the held-out test split                   (python -m eval.run), then a results table
+#   4. evaluation on the held-out test splits                  (python -m eval.run), then a results table
 # Variables: DEMO_OUT (default demo_out), DS_CONFIG (default ds_configs/zero3.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,17 +22,33 @@ $PY -m data_shards.demo --out "$OUT" | tail -n 13
 echo "== 2/4 unimodal pretraining of the frozen parts (train split only)"
 $PY launch/demo/tokenizer.py --raw "$OUT/raw/digits" --out "$OUT/tokenizer"
 $PY launch/demo/pretrain_encoder.py --raw "$OUT/raw/digits" --out "$OUT/encoder/vit_digits.safetensors" | tail -n 2
+$PY launch/demo/pretrain_media.py --kind timesformer --shards "$OUT/shards/shapes_qa/train" \
+    --out "$OUT/encoder/timesformer_shapes" | tail -n 2
+$PY launch/demo/pretrain_media.py --kind ast --shards "$OUT/shards/tones_caption/train" \
+    --out "$OUT/encoder/ast_tones" | tail -n 2
 
-echo "== 3/4 training: deepspeed --num_gpus 2 launch/train.py --ds_config $DS_CONFIG"
-rm -rf "$OUT/runs/digits_vqa"
-overrides=(model.lm.tokenizer="$OUT/tokenizer" model.encoder.checkpoint="$OUT/encoder/vit_digits.safetensors"
-           "data.train=[{path: $OUT/shards/digits_vqa/train}]" data.val="$OUT/shards/digits_vqa/val"
-           run_dir="$OUT/runs/digits_vqa")
-deepspeed --num_gpus 2 launch/train.py --ds_config "$DS_CONFIG" --config launch/configs/demo/digits_vqa.yaml \
-    "${overrides[@]}"
+# train TASK CONFIG ENCODER-OVERRIDE: one task with the real launcher, 2 ranks
+train() {
+    local task=$1 config=$2 encoder=$3
+    rm -rf "$OUT/runs/$task"
+    deepspeed --num_gpus 2 launch/train.py --ds_config "$DS_CONFIG" --config "$config" \
+        model.lm.tokenizer="$OUT/tokenizer" "$encoder" "data.train=[{path: $OUT/shards/$task/train}]" \
+        data.val="$OUT/shards/$task/val" run_dir="$OUT/runs/$task"
+}
+echo "== 3/4 training: deepspeed --num_gpus 2 launch/train.py --ds_config $DS_CONFIG (image, video, audio)"
+train digits_vqa launch/configs/demo/digits_vqa.yaml model.encoder.checkpoint="$OUT/encoder/vit_digits.safetensors"
+train shapes_qa launch/configs/demo/shapes_qa.yaml model.encoder.name="$OUT/encoder/timesformer_shapes"
+train tones_caption launch/configs/demo/tones_caption.yaml model.encoder.name="$OUT/encoder/ast_tones"
 
-echo "== 4/4 evaluation on the held-out test split: python -m eval.run"
-$PY -m eval.run --adapter "$OUT/runs/digits_vqa/adapter" --shards "$OUT/shards/digits_vqa/test" --task vqav2 \
-    --num-beams 3 --out "$OUT/eval/digits_vqa"
-$PY launch/demo/summary.py --scores "$OUT/eval/digits_vqa/scores.json" --num-answers 10 \
-    --seconds $(( $(date +%s) - start ))
+echo "== 4/4 evaluation on the held-out test splits: python -m eval.run"
+evaluate() {  # evaluate TASK EVAL-TASK
+    mkdir -p "$OUT/eval"
+    $PY -m eval.run --adapter "$OUT/runs/$1/adapter" --shards "$OUT/shards/$1/test" --task "$2" \
+        --num-beams 3 --no-progress --out "$OUT/eval/$1" >"$OUT/eval/$1.log"
+    head -n 1 "$OUT/eval/$1.log"
+}
+evaluate digits_vqa vqav2
+evaluate shapes_qa video_qa
+evaluate tones_caption audio_caption
+$PY launch/demo/summary.py --vqa "$OUT/eval/digits_vqa" --video "$OUT/eval/shapes_qa" \
+    --audio "$OUT/eval/tones_caption" --seconds $(( $(date +%s) - start ))

@@ -146,6 +146,20 @@ def test_modality_must_match_the_encoder():
         build_config(tree)
 
 
+def test_a_video_run_may_mix_in_image_datasets_but_not_audio():
+    tree = tiny_tree()
+    tree["model"]["encoder"] = {"kind": "timesformer", "name": "timesformer", "pretrained": False}
+    tree["data"] = {"modality": "video", "train": [{"path": "v"}, {"path": "i", "modality": "image"}]}
+    assert build_config(tree).data.train[1].modality == "image"  # read as still clips
+    tree["data"]["train"].append({"path": "a", "modality": "audio"})
+    with pytest.raises(ConfigError, match=r"data.train\[2\].modality: 'audio'.*takes video or image input"):
+        build_config(tree)
+    tree["model"]["encoder"] = {"kind": "vit"}  # a ViT run takes images only
+    tree["data"] = {"modality": "image", "train": [{"path": "v", "modality": "video"}]}
+    with pytest.raises(ConfigError, match=r"data.train\[0\].modality: 'video'.*takes image input"):
+        build_config(tree)
+
+
 def test_missing_local_tokenizer_names_the_directory(tmp_path):
     from epalm.data.text import build_tokenizer
 

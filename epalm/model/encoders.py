@@ -72,6 +72,10 @@ class HFEncoder(FrozenEncoder):
     @torch.no_grad()
     def forward(self, media: torch.Tensor) -> torch.Tensor:
         dtype = self.model.layernorm.weight.dtype
+        if media.ndim == 4 and self.model.config.model_type == "timesformer":
+            # an image (B, 3, H, W) is a still clip: the image in every frame (TimesformerLayer's
+            # divided attention reshapes by config.num_frames, so one frame alone does not run)
+            media = media.unsqueeze(1).expand(-1, self.model.config.num_frames, -1, -1, -1)
         out = self.model(media.to(dtype), output_hidden_states=True)
         states = out.hidden_states[-self.num_states :]
         # index 0 is [CLS] for both (AST's distillation token at index 1 is ignored, as the original)

@@ -1,7 +1,11 @@
-"""The end of `make demo`: the results table from eval.run's scores.json, then one machine-readable line
-`demo: vqa_accuracy=<percent> chance=<percent>` (chance = one over the number of distinct answers).
+"""The end of `make demo`: one results table from eval.run's scores.json of each task, then one
+machine-readable line per task, `demo: <metric>=<percent> chance=<percent>` (chance = one over the classes).
 
-    python launch/demo/summary.py --scores demo_out/eval/digits_vqa/scores.json --num-answers 10
+The audio task is scored as captions (pycocoevalcap, in scores.json); its line is the pitch word's
+accuracy, computed here from the predictions file and the COCO-format references eval.run wrote.
+
+    python launch/demo/summary.py --vqa demo_out/eval/digits_vqa --video demo_out/eval/shapes_qa \
+        --audio demo_out/eval/tones_caption
 """
 
 from __future__ import annotations
@@ -10,32 +14,61 @@ import argparse
 import json
 from pathlib import Path
 
+PITCH_WORDS = ("low", "mid", "high")  # data_shards.demo.PITCHES
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "scores.json").read_text())
+
+
+def pitch_word(text: str) -> str | None:
+    words = [w for w in text.lower().split() if w in PITCH_WORDS]
+    return words[0] if words else None
+
+
+def pitch_accuracy(out: Path) -> tuple[float, int]:
+    """Percent of clips whose predicted caption names the references' pitch word, and the clip count."""
+    summary = _summary(out)
+    predictions = json.loads((out / summary["results"]).read_text())
+    refs = json.loads((out / summary["references"]["references"]).read_text())
+    truth: dict = {}
+    for ann in refs["annotations"]:
+        truth.setdefault(ann["image_id"], pitch_word(ann["caption"]))
+    hits = sum(pitch_word(p["caption"]) == truth[p["image_id"]] for p in predictions)
+    return 100.0 * hits / max(1, len(predictions)), len(predictions)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scores", type=Path, required=True, help="scores.json written by python -m eval.run")
-    p.add_argument("--num-answers", type=int, required=True, help="distinct answers: chance = 1 / this")
+    p.add_argument("--vqa", type=Path, help="eval.run --out of digits VQA (10 answers)")
+    p.add_argument("--video", type=Path, help="eval.run --out of shapes QA (4 answers)")
+    p.add_argument("--audio", type=Path, help="eval.run --out of tones captions (3 pitches)")
     p.add_argument("--seconds", type=int, help="wall time of the whole demo, for the table")
     args = p.parse_args(argv)
-    summary = json.loads(args.scores.read_text())
-    scores = summary["scores"]
-    accuracy = float(scores["overall"])
-    chance = 100.0 / args.num_answers
-    rows = [
-        ("task", f"{summary.get('task', 'vqav2')} on the held-out {summary.get('split', 'test')} split"),
-        ("metric", f"VQA v2 accuracy ({summary.get('metric')}), official rules"),
-        ("samples", str(summary.get("num_samples", "?"))),
-        ("accuracy", f"{accuracy:.2f}%"),
-        ("chance", f"{chance:.2f}%"),
-    ]
-    rows += [(f"  answer type {k}", f"{v:.2f}%") for k, v in sorted(scores.get("perAnswerType", {}).items())]
+    rows, lines = [], []
+    if args.vqa:
+        s = _summary(args.vqa)
+        acc = float(s["scores"]["overall"])
+        rows.append(("digits VQA (image)", f"VQA v2 accuracy {acc:.2f}%", "10.00%", s["num_samples"]))
+        lines.append(f"demo: vqa_accuracy={acc:.2f} chance=10.00")
+    if args.video:
+        s = _summary(args.video)
+        acc = float(s["scores"]["accuracy"])
+        rows.append(("shapes QA (video)", f"MSRVTT-QA accuracy {acc:.2f}%", "25.00%", s["num_samples"]))
+        lines.append(f"demo: video_qa_accuracy={acc:.2f} chance=25.00")
+    if args.audio:
+        s = _summary(args.audio)
+        acc, n = pitch_accuracy(args.audio)
+        cider = 100 * float(s["scores"].get("CIDEr", float("nan")))
+        rows.append(("tones captions (audio)", f"pitch word {acc:.2f}% (CIDEr {cider:.1f})", "33.33%", n))
+        lines.append(f"demo: audio_pitch_accuracy={acc:.2f} chance=33.33")
+    print("\n== results (held-out test splits)")
+    print(f"{'task':<24}{'score':<36}{'chance':<9}samples")
+    for task, score, chance, n in rows:
+        print(f"{task:<24}{score:<36}{chance:<9}{n}")
     if args.seconds is not None:
-        rows.append(("demo wall time", f"{args.seconds} s"))
-    print("\n== results")
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-    print(f"demo: vqa_accuracy={accuracy:.2f} chance={chance:.2f}")
+        print(f"demo wall time {args.seconds} s")
+    print("\n".join(lines))
     return 0
 
 

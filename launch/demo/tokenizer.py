@@ -7,6 +7,7 @@ saved in OPT's format (vocab.json + merges.txt), standing in for OPT's own token
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -22,6 +23,12 @@ def train_texts(raw: Path) -> list[str]:
     annotations = json.loads((raw / "v2_mscoco_train_annotations.json").read_text())["annotations"]
     texts += [q["question"] for q in questions]
     texts += [a["multiple_choice_answer"] for a in annotations]
+    # the video and audio demo tasks' train texts, when written next to the digits (data_shards.demo)
+    shapes, tones = raw.parent / "shapes" / "msrvtt_qa_train.json", raw.parent / "tones" / "train.csv"
+    if shapes.is_file():
+        texts += [t for e in json.loads(shapes.read_text()) for t in (e["question"], e["answer"])]
+    if tones.is_file():
+        texts += [row["caption"] for row in csv.DictReader(tones.read_text().splitlines())]
     return texts
 
 
