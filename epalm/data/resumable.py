@@ -3,7 +3,7 @@
 Every worker's batches are a pure function of (seed, epoch, rank, world size, worker, workers), so
 the loader state is a count of batches handed out; see docs/loader.md.
 
-About 340 lines: the split, the schedule, the skip accounting and the wrapper share one state and one
+About 390 lines: the split, the schedule, the skip accounting and the wrapper share one state and one
 resume contract, and read best together.
 """
 
