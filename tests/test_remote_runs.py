@@ -49,11 +49,6 @@ def _with_data(config, path: str, out_name: str):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="known bug, not yet found: the resumed adapter differs from the uninterrupted run's when the "
-    "killed run read http:// with a skipped jpg and retried shard and the resume reads pipe:",
-    strict=False,
-)
 def test_zero3_http_kill9_resume_from_pipe_equals_local_run(tmp_path):
     config = write_setup(tmp_path)
     train = tmp_path / "train"

@@ -3,7 +3,7 @@
 Every worker's batches are a pure function of (seed, epoch, rank, world size, worker, workers), so
 the loader state is a count of batches handed out; see docs/loader.md.
 
-About 340 lines: the split, the schedule, the skip accounting and the wrapper share one state and one
+About 390 lines: the split, the schedule, the skip accounting and the wrapper share one state and one
 resume contract, and read best together.
 """
 
@@ -25,7 +25,7 @@ from epalm.data.collate import BatchBuilder, SampleError
 from epalm.data.stream import ShardList, buffer_shuffle_order, iter_ordered, pieces_of, shard_order
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: skip counts of every rank (1 held the saving rank's only)
 _BLOCK = 4096  # schedule steps drawn per RNG block
 INFO = "_loader"  # batch key the workers use to report positions and skips; removed before the batch is handed out
 
@@ -292,13 +292,32 @@ class ResumableLoader:
             "batches_per_epoch": self.batches_per_epoch,
         }
 
-    def state_dict(self) -> dict:
-        """Small and equal on every rank: rank 0 may save it for all."""
-        epoch, batch = divmod(self.consumed, self.batches_per_epoch)
-        datasets = [
+    def _datasets(self) -> list[dict]:
+        return [
             {"name": p.builder.name, "num_samples": p.shards.num_samples, "weight": w}
             for p, w in zip(self.plans, self.weights)
         ]
+
+    def _every_rank(self, mine: object) -> list:
+        """`mine` of every rank, by rank: gathered under torch.distributed, else only this rank's (others None)."""
+        world, rank = self.plans[0].world_size, self.plans[0].rank
+        gathered = [(rank, mine)]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() == world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (rank, mine))
+        out = [None] * world
+        for r, value in gathered:
+            out[r] = value
+        return out
+
+    def state_dict(self) -> dict:
+        """Small and equal on every rank, so rank 0 may save it for all.
+
+        Skips depend on which bad samples a rank's share holds, so they differ between ranks: under
+        torch.distributed this gathers every rank's (a collective: call it on every rank).
+        """
+        epoch, batch = divmod(self.consumed, self.batches_per_epoch)
+        skips = self._every_rank((self.extra, dict(sorted(self.skipped.items()))))
         return {
             "version": STATE_VERSION,
             "seed": self.seed,
@@ -306,33 +325,56 @@ class ResumableLoader:
             "epoch": epoch,
             "batch_in_epoch": batch,
             **self._topology(),
-            "datasets": datasets,
+            "datasets": self._datasets(),
             "worker_batches": self._worker_counts().tolist(),
-            "worker_skipped": self.extra,  # per worker, per dataset: [its epoch, samples skipped in it]
-            "skipped": dict(sorted(self.skipped.items())),
+            # per rank (None: not gathered), per worker, per dataset: [its epoch, samples skipped in it]
+            "worker_skipped": [s and s[0] for s in skips],
+            "skipped": [s and s[1] for s in skips],  # per rank: its skips by reason, whole run
         }
+
+    def _skips_of(self, state: dict) -> tuple[list, list, Counter]:
+        """(worker_skipped, skipped) by rank in `state`, and the skips of all ranks; version 1 held one rank's."""
+        if state["version"] == STATE_VERSION:
+            extra, skipped = state["worker_skipped"], state["skipped"]
+            return extra, skipped, sum(map(Counter, filter(None, skipped)), Counter())
+        world = self.plans[0].world_size
+        extra, skipped = state.get("worker_skipped"), state.get("skipped", {})  # absent: saved before skips
+        if world > 1 and skipped:
+            log.warning(
+                "loader state version 1 holds one rank's skips %s; every rank resumes with them", skipped
+            )
+        extra = extra or [[[0, 0] for _ in self.plans] for _ in range(self._logical_workers)]
+        return [extra] * world, [skipped] * world, Counter(skipped)
 
     def load_state_dict(self, state: dict, allow_topology_change: bool = False) -> None:
         """Continue exactly where `state` was taken; see docs/loader.md for a changed topology."""
         if not self.train:
             raise ValueError("an eval loader has no position to restore")
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
-        mine = self.state_dict()["datasets"]
+        mine = self._datasets()
         theirs = [{k: d[k] for k in ("num_samples", "weight")} for d in state["datasets"]]
         if theirs != [{k: d[k] for k in ("num_samples", "weight")} for d in mine]:
             raise ValueError(f"loader state is for datasets {state['datasets']}, this loader reads {mine}")
         changed = {k: (state[k], v) for k, v in self._topology().items() if state[k] != v}
         self.seed = int(state["seed"])
-        self.skipped = Counter(state.get("skipped", {}))
+        extra, skipped, total = self._skips_of(state)
         self._reset_extra()
         if not changed:
             self.consumed = int(state["consumed_batches"])
             if self._worker_counts().tolist() != state["worker_batches"]:
                 raise ValueError("loader state's per-worker positions do not match its step count")
-            if "worker_skipped" in state:  # absent in states saved before skipping existed: no skips
-                self.extra = [[list(map(int, e)) for e in w] for w in state["worker_skipped"]]
+            rank = self.plans[0].rank
+            if extra[rank] is None:  # another rank's skips would move this rank's refill positions
+                raise ValueError(
+                    f"loader state holds no skip counts for rank {rank}: it was taken on another rank "
+                    "without torch.distributed (under it, state_dict() gathers every rank's)"
+                )
+            self.extra = [[list(map(int, e)) for e in w] for w in extra[rank]]
+            self.skipped = Counter(skipped[rank])
             return
+        # a new partition: rank 0 keeps the run's skips so far, in total (data/skipped sums over ranks)
+        self.skipped = total if self.plans[0].rank == 0 else Counter()
         detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
         if not allow_topology_change:
             raise ValueError(
