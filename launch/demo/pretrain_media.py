@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             loss.backward()
             opt.step()
             correct += int((logits.argmax(-1) == labels[idx]).sum())
-        print(
-            f"{args.kind} epoch {epoch + 1}/{epochs}: train accuracy {100 * correct / len(labels):.1f}%"
-        )
+        print(f"{args.kind} epoch {epoch + 1}/{epochs}: train accuracy {100 * correct / len(labels):.1f}%")
     if args.val:
         model.eval()
         val_media, val_labels = load_media(args.kind, args.val, split="val")
