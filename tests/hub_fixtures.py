@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import TINY_LM, TINY_VIT
+from tests.support import TINY_LM, TINY_VIT
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 SAFE_INDEX = "model.safetensors.index.json"

@@ -185,7 +185,7 @@ def test_kill9_then_sigterm_then_rerun_is_byte_identical(data, one_rank):
 
 def _train(data: Path, shards: Path, run: Path) -> list[float]:
     from epalm.tokenizer_trainer import save_tokenizer
-    from tests.conftest import tiny_tree
+    from tests.support import tiny_tree
     from tests.training_fixtures import read_jsonl
 
     tok = data / "tok"

@@ -11,9 +11,8 @@ from pathlib import Path
 import yaml
 
 from epalm.distributed import free_port
-from tests.conftest import tiny_tree
 from tests.shard_fixtures import write_dataset
-from tests.support import cpu_child_env
+from tests.support import cpu_child_env, tiny_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
