@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from fixtures_data import dump, jpeg, read_split, run_build
 
 from data_shards import extract
 from epalm.data import schema
 from epalm.distributed import free_port
+from tests.fixtures_data import dump, jpeg, read_split, run_build
 from tests.support import cpu_child_env
 
 ROOT = Path(__file__).resolve().parents[1]

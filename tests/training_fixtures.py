@@ -1,4 +1,10 @@
-"""A tiny training setup on disk (tokenizer, image QA shards, run config) and launcher helpers for the training tests."""
+"""Whole training runs as child processes: a tiny setup on disk (tokenizer, image QA shards, run config) and
+`launch`, which starts launch/train.py on 2 ranks under deepspeed, torchrun or mpirun (optionally with
+tests/fault_hook on the path to inject a fault).
+
+Separate from shard_fixtures.py, which only writes data (this module uses it) and is imported by many
+in-process tests that start no launcher.
+"""
 
 from __future__ import annotations
 
