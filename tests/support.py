@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+FAULT_HOOK = ROOT / "tests" / "fault_hook"
 
 _RANK_VARIABLES = (
     "RANK",
@@ -38,6 +39,14 @@ def cpu_child_env(**extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def fault_env(fault: str) -> dict[str, str]:
+    """The variables that inject `fault` (kind:step[:rank]) into a child process through tests/fault_hook,
+    for `cpu_child_env(**fault_env(...))`; none when `fault` is empty."""
+    if not fault:
+        return {}
+    return {"EPALM_FAULT": fault, "PYTHONPATH": f"{FAULT_HOOK}:{ROOT}"}
 
 
 # Tiny, random, offline shapes: a 6-layer OPT and a 4-block ViT (the `tiny_*` fixtures in conftest.py build them).

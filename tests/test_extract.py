@@ -18,7 +18,7 @@ from data_shards import extract
 from epalm.data import schema
 from epalm.distributed import free_port
 from tests.fixtures_data import dump, jpeg, read_split, run_build
-from tests.support import cpu_child_env
+from tests.support import cpu_child_env, fault_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(ROOT / ".venv" / "bin" / "python")
@@ -58,7 +58,7 @@ def cli(data: Path, out: Path, *more: str, fault: str = "", torchrun: int = 0):
         cmd = [*launcher, "--master_port", str(free_port()), *args]
     else:
         cmd = [PY, *args]
-    env = cpu_child_env(**({"EPALM_FAULT": fault} if fault else {}))
+    env = cpu_child_env(**fault_env(fault))  # tests/fault_hook patches the tar writer
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -18,7 +18,7 @@ import yaml
 
 from epalm.distributed import free_port
 from tests.shard_fixtures import write_dataset
-from tests.support import cpu_child_env, tiny_tree
+from tests.support import cpu_child_env, fault_env, tiny_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -95,10 +95,7 @@ def launch(
         ]
     else:
         raise ValueError(launcher)
-    extra = {}
-    if fault:  # tests/fault_hook/sitecustomize.py reads it in every rank
-        hook = str(ROOT / "tests" / "fault_hook")
-        extra = {"EPALM_FAULT": fault, "PYTHONPATH": f"{hook}:{ROOT}"}
+    extra = fault_env(fault)  # tests/fault_hook/sitecustomize.py reads it in every rank
     return subprocess.run(cmd, env=env(**extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
