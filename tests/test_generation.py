@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
-from epalm.generation import decode_generated, generate
+from epalm.decoding import decode_generated, generate
 from epalm.model.connector import Connector
 from epalm.model.epalm import EPALM
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from epalm.generation import generate
+from epalm.decoding import generate
 from tests.test_generation import _left_padded, _stock_opt
 
 KW = dict(eos_token_id=2, pad_token_id=1, num_beams=1)
