@@ -15,7 +15,7 @@ import torch
 
 from bench import old_generation
 from epalm.config import build_config
-from epalm.generation import generate
+from epalm.decoding import generate
 from epalm.model.epalm import EPALM, build_model
 
 PROMPT_LEN, NEW_TOKENS, BEAMS, BATCHES = 12, 30, 3, (8, 32)

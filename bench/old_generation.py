@@ -1,5 +1,6 @@
-"""The beam search and greedy decoding as they were before decoding moved onto the device (epalm/generation.py
-at commit c575083), kept only as the baseline of `bench.generation` and the reference of tests/test_generation.py.
+"""The beam search and greedy decoding as they were before decoding moved onto the device (epalm/decoding.py,
+named epalm/generation.py at commit c575083), kept only as the baseline of `bench.generation` and the
+reference of tests/test_generation.py.
 
 It copies the log-probs to the host every step and loops over the batch in Python. Not part of the library.
 """

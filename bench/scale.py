@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from bench._launch import ROOT, VENV_BIN, bench_env, machine_load
+from tests.support import fault_env
 
 CACHE = Path(os.environ.get("EPALM_SCALE_CACHE", "/work/scale_cache"))
 CONFIG = "launch/configs/image/vqa_v2_pt_L.yaml"
@@ -144,7 +145,7 @@ def launch(run_dir: Path, overrides: list[str], *extra: str, fault: str = "", ti
         "nice", "-n", "19", str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()),
         "launch/train.py", "--ds_config", DS_CONFIG, "--config", CONFIG, *extra, *overrides,
     ]  # fmt: skip
-    env = bench_env(**({"EPALM_FAULT": fault} if fault else {}))
+    env = bench_env(**fault_env(fault))  # tests/fault_hook on PYTHONPATH: the trainer patched at import
     start = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(

@@ -336,7 +336,6 @@ def run_shards(args, shards, mine, ids, spec, encoder, device, main, world, stop
     total = sum(shards.counts[j] for j in mine)
     bar = tqdm(total=total, unit="sample", desc=f"rank 0/{world}", disable=not main or args.no_progress)
     runner, inflight, finishing = BatchEncoder(encoder, device), {}, None
-    fault = os.environ.get("EPALM_FAULT", "")
     written = 0
     items = iter(loader) if mine else iter(())
     for item in items:
@@ -361,12 +360,7 @@ def run_shards(args, shards, mine, ids, spec, encoder, device, main, world, stop
         runner.flush()
         del inflight[j]
         written += 1
-        if fault == f"extract_kill_in_shard:{written}":  # tests: die with this shard's tar half done
-            (args.out / f"{shards.names[j]}.{os.getpid()}.tmp").write_bytes(b"partial")
-            os.kill(os.getpid(), signal.SIGKILL)
         write_shard(args.out, shards.names[j], ids[j], spec["fingerprint"], state)
-        if fault == f"extract_sigterm_after_shard:{written}":  # tests: a signal arriving mid-run
-            os.kill(os.getpid(), signal.SIGTERM)
         if finishing is not None:
             finishing.discard(j)
             if not finishing:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from epalm.config import Config, EvalConfig
 from epalm.data import schema
 from epalm.data.length_order import length_sorted
-from epalm.generation import decode_generated, generate
+from epalm.decoding import decode_generated, generate
 from epalm.references import media_id, reference_files, write_references
 
 

@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     from epalm.config import ENCODER_MODALITY
     from epalm.data.media import SkipSample
     from epalm.data.text import format_caption, format_qa, tokenize
+    from epalm.decoding import decode_generated, generate
     from epalm.evaluate import load_eval_model
-    from epalm.generation import decode_generated, generate
 
     path = args.image or args.video or args.audio
     if not path.is_file():

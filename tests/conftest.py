@@ -1,4 +1,7 @@
-"""Tiny, random, offline models shared by the tests. Nothing downloads."""
+"""Pytest fixtures: tiny, random, offline models shared by the tests. Nothing downloads.
+
+Only fixtures and hooks live here; the constants and helpers that test modules import are in tests/support.py.
+"""
 
 from __future__ import annotations
 
@@ -11,34 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from epalm.config import build_config  # noqa: E402
-
-TINY_LM = dict(
-    hidden_size=32,
-    num_hidden_layers=6,
-    num_attention_heads=4,
-    ffn_dim=64,
-    vocab_size=320,
-    max_position_embeddings=128,
-    word_embed_proj_dim=32,
-)
-TINY_VIT = dict(img_size=16, patch_size=8, embed_dim=24, depth=4, num_heads=2)
-
-
-def tiny_tree(**adapter) -> dict:
-    """A config mapping for a 6-layer OPT and a 4-block ViT, 2 states injected into layers 1..4 (layer 5, the last, is not: as the original)."""
-    return {
-        "model": {
-            "lm": {"name": "125m", "pretrained": False, "config_overrides": dict(TINY_LM)},
-            "encoder": {
-                "kind": "vit",
-                "name": "vit_base_patch16_224",
-                "pretrained": False,
-                "num_states": 2,
-                "config_overrides": dict(TINY_VIT),
-            },
-            "adapter": {"start_layer": 1, "end_layer": 5, "prompt_tokens": 3, **adapter},
-        }
-    }
+from tests.support import tiny_tree  # noqa: E402
 
 
 @pytest.fixture

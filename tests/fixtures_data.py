@@ -1,4 +1,10 @@
-"""Tiny datasets in their real on-disk formats for the shard-builder tests, and readers for the shards."""
+"""Inputs and outputs of the shard builder (`data_shards`), for its tests: tiny source datasets in their real
+on-disk formats (JPEG, mp4, MSVD's .avi, wav, annotation JSON), `run_build` (the builder's CLI in-process), and
+readers that open the shards and manifest it wrote.
+
+Separate from shard_fixtures.py, which writes shards directly (no builder) for the loader and training tests:
+those must not depend on the builder tool, and this module imports it.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """Tiny random checkpoints in the layouts the hub ships: facebook/opt-* sharded `.bin` with its index (keys
 without the `model.` prefix, no tied `lm_head.weight`, fp16), `save_pretrained`'s sharded safetensors, a timm
-ViT `.safetensors` file, and TimeSformer / AST `save_pretrained` directories."""
+ViT `.safetensors` file, and TimeSformer / AST `save_pretrained` directories.
+
+Separate because it is about model files, not data: only the weight-loading tests (test_hub_formats.py and
+its torchrun worker hub_worker.py) use it.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import TINY_LM, TINY_VIT
+from tests.support import TINY_LM, TINY_VIT
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 SAFE_INDEX = "model.safetensors.index.json"

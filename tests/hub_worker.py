@@ -52,8 +52,8 @@ def run_layout(lm_dir: Path, vit_file: Path, world: int, rank: int) -> dict:
     from epalm.ds_config import build_ds_config, load_ds_config
     from epalm.engine import build_engine
     from epalm.memory_plan import plan_memory
-    from tests.conftest import tiny_tree
     from tests.hub_fixtures import read_checkpoint
+    from tests.support import tiny_tree
 
     tree = tiny_tree()
     tree["model"]["lm"] = {"name": str(lm_dir), "pretrained": True}

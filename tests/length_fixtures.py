@@ -1,4 +1,8 @@
-"""VQA v2 style eval shards whose questions differ in length (the demo's all share one question)."""
+"""VQA v2 style eval shards whose questions differ in length (the demo's all share one question).
+
+Separate because a benchmark (bench/eval_padding.py) imports it as well as test_length_order.py; it builds on
+shard_fixtures.py's tar writers.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """Shards served over HTTP from a real server on 127.0.0.1 (with injectable faults), an S3 server (moto), and
-helpers that damage shards the way a long run meets them."""
+helpers that damage shards the way a long run meets them.
+
+Separate because it starts servers (threads, moto) that only the remote-reading and bad-shard tests need; it
+writes no shards itself (shard_fixtures.py does).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Tiny shards written straight with `tarfile` in the layout of `epalm.data.schema`, for the loader tests."""
+"""Tiny shards written straight with `tarfile` in the layout of `epalm.data.schema` (image / video / audio, QA or
+caption, optional cached features), for the loader, training and evaluation tests; and `one_torch_thread`.
+
+Separate from fixtures_data.py: no shard builder (`data_shards`) is involved, so a loader test fails only for
+the loader. training_fixtures.py and length_fixtures.py build on the writers here.
+"""
 
 from __future__ import annotations
 

@@ -98,3 +98,11 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
         assert "epalm.a -> epalm.b -> epalm.a" in str(e)
     else:
         raise AssertionError("cycle not found")
+
+
+def test_no_file_imports_conftest_as_a_module():
+    """conftest.py holds pytest fixtures and hooks only; what test modules import lives in tests/support.py."""
+    for top in ("tests", "bench", "eval", "launch", "data_shards", "epalm"):
+        for path in (ROOT / top).rglob("*.py"):
+            bad = {m for m in _imports(path) if m.split(".")[-1] == "conftest" or ".conftest." in m}
+            assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures_data import dump, hashes, jpeg, meta, read_split, run_build, video, wav
 
 from epalm.data import schema
+from tests.fixtures_data import dump, hashes, jpeg, meta, read_split, run_build, video, wav
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,10 +7,21 @@ import tarfile
 
 import numpy as np
 import pytest
-from fixtures_data import avi, dump, image_size, jpeg, mean_level, meta, read_split, run_build, video, wav
 
 from epalm.data import schema
 from epalm.data.media import kaldi_fbank, segment_centres
+from tests.fixtures_data import (
+    avi,
+    dump,
+    image_size,
+    jpeg,
+    mean_level,
+    meta,
+    read_split,
+    run_build,
+    video,
+    wav,
+)
 
 
 def test_coco_karpathy_train_expands_captions_val_keeps_references(tmp_path):

@@ -19,7 +19,7 @@ from epalm.checkpoint import load_training_state, save_training_state
 from epalm.config import ConfigError, build_config, load_config
 from epalm.distributed import DistInfo
 from epalm.ds_config import load_ds_config
-from tests.conftest import tiny_tree
+from tests.support import tiny_tree
 from tests.training_fixtures import ROOT, write_setup
 
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"

@@ -9,7 +9,7 @@ import pytest
 
 from epalm.config import ConfigError, build_config, gradient_accumulation_steps, load_config
 from epalm.preflight import build_run_config
-from tests.conftest import tiny_tree
+from tests.support import tiny_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "launch" / "configs").rglob("*.yaml"))

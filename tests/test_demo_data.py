@@ -6,10 +6,10 @@ import csv
 import json
 
 import pytest
-from fixtures_data import meta, read_split
 
 from data_shards import demo
 from epalm.data import schema
+from tests.fixtures_data import meta, read_split
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 
 from epalm.checkpoint import save_adapter
 from epalm.config import build_config
-from tests.conftest import tiny_tree
+from tests.support import tiny_tree
 
 TEXTS = ["what digit is this?", "a handwritten digit seven", "a picture of the number three"] * 20
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from fixtures_data import dump, jpeg, read_split, run_build
 
 from data_shards import extract
 from epalm.data import schema
 from epalm.distributed import free_port
-from tests.support import cpu_child_env
+from tests.fixtures_data import dump, jpeg, read_split, run_build
+from tests.support import cpu_child_env, fault_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(ROOT / ".venv" / "bin" / "python")
@@ -58,7 +58,7 @@ def cli(data: Path, out: Path, *more: str, fault: str = "", torchrun: int = 0):
         cmd = [*launcher, "--master_port", str(free_port()), *args]
     else:
         cmd = [PY, *args]
-    env = cpu_child_env(**({"EPALM_FAULT": fault} if fault else {}))
+    env = cpu_child_env(**fault_env(fault))  # tests/fault_hook patches the tar writer
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -185,7 +185,7 @@ def test_kill9_then_sigterm_then_rerun_is_byte_identical(data, one_rank):
 
 def _train(data: Path, shards: Path, run: Path) -> list[float]:
     from epalm.tokenizer_trainer import save_tokenizer
-    from tests.conftest import tiny_tree
+    from tests.support import tiny_tree
     from tests.training_fixtures import read_jsonl
 
     tok = data / "tok"

@@ -11,7 +11,7 @@ import torch
 
 from epalm.config import build_config, load_config
 from epalm.memory_plan import lm_activation_bytes, plan_memory, trainable_state_bytes
-from tests.conftest import tiny_tree
+from tests.support import tiny_tree
 
 PT_L = "launch/configs/image/vqa_v2_pt_L.yaml"
 LAST = re.compile(

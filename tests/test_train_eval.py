@@ -26,8 +26,8 @@ from epalm.eval_hook import (
     evaluate_to_dir,
 )
 from epalm.evaluate import Scored, headline
-from tests.conftest import tiny_tree
 from tests.shard_fixtures import one_torch_thread, write_dataset
+from tests.support import tiny_tree
 from tests.test_distributed_eval import write_vqa_shards
 from tests.training_fixtures import ROOT, launch, read_jsonl, write_setup
 

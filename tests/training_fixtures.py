@@ -1,4 +1,10 @@
-"""A tiny training setup on disk (tokenizer, image QA shards, run config) and launcher helpers for the training tests."""
+"""Whole training runs as child processes: a tiny setup on disk (tokenizer, image QA shards, run config) and
+`launch`, which starts launch/train.py on 2 ranks under deepspeed, torchrun or mpirun (optionally with
+tests/fault_hook on the path to inject a fault).
+
+Separate from shard_fixtures.py, which only writes data (this module uses it) and is imported by many
+in-process tests that start no launcher.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,8 @@ from pathlib import Path
 import yaml
 
 from epalm.distributed import free_port
-from tests.conftest import tiny_tree
 from tests.shard_fixtures import write_dataset
-from tests.support import cpu_child_env
+from tests.support import cpu_child_env, fault_env, tiny_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -90,10 +95,7 @@ def launch(
         ]
     else:
         raise ValueError(launcher)
-    extra = {}
-    if fault:  # tests/fault_hook/sitecustomize.py reads it in every rank
-        hook = str(ROOT / "tests" / "fault_hook")
-        extra = {"EPALM_FAULT": fault, "PYTHONPATH": f"{hook}:{ROOT}"}
+    extra = fault_env(fault)  # tests/fault_hook/sitecustomize.py reads it in every rank
     return subprocess.run(cmd, env=env(**extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 

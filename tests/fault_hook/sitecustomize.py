@@ -1,10 +1,16 @@
-"""Test-only fault injection for training subprocesses; the library knows nothing of it.
+"""Test-only fault injection for training and extraction subprocesses; the library and the tools know nothing of it.
 
-A test puts this directory first on PYTHONPATH and sets EPALM_FAULT=kind:step[:rank]; Python imports
-`sitecustomize` at start-up, and this one patches `epalm.trainer` and `epalm.checkpoint` as they load:
-  kill_after_step:N   SIGKILL right after optimizer step N
-  sigterm_at_step:N   SIGTERM to itself right after step N (the trainer checkpoints and exits 75)
-  kill_in_save:N      SIGKILL in the middle of step N's checkpoint (after DeepSpeed's files, before the rest)
+A test puts this directory first on PYTHONPATH and sets EPALM_FAULT=kind:step[:rank] (tests.support.fault_env);
+Python imports `sitecustomize` at start-up, and this one patches modules as they load:
+  epalm.trainer
+    kill_after_step:N              SIGKILL right after optimizer step N
+    sigterm_at_step:N              SIGTERM to itself right after step N (the trainer checkpoints and exits 75)
+  epalm.checkpoint
+    kill_in_save:N                 SIGKILL in the middle of step N's checkpoint (after DeepSpeed's files)
+  data_shards.writer, only under `python -m data_shards.extract` (a module run as __main__ is not imported, so
+  extract's own functions cannot be patched; the tar writer it calls can); N counts the tars this process writes:
+    extract_kill_in_shard:N        SIGKILL with the N-th shard's tar half written (its .tmp left behind)
+    extract_sigterm_after_shard:N  SIGTERM to itself once the N-th tar is written (extract exits 75)
 """
 
 from __future__ import annotations
@@ -61,7 +67,36 @@ def _patch_checkpoint(module) -> None:
     module.save_training_state = save_training_state
 
 
-_PATCHES = {"epalm.trainer": _patch_trainer, "epalm.checkpoint": _patch_checkpoint}
+def _in_extract() -> bool:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and spec.name == "data_shards.extract"
+
+
+def _patch_writer(module) -> None:
+    original = module.write_tar
+    written = 0
+
+    def write_tar(path, samples):
+        nonlocal written
+        original(path, samples)
+        if not _in_extract():
+            return
+        written += 1
+        if _mine("extract_kill_in_shard", written):
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if _mine("extract_sigterm_after_shard", written):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    module.write_tar = write_tar
+
+
+_PATCHES = {
+    "epalm.trainer": _patch_trainer,
+    "epalm.checkpoint": _patch_checkpoint,
+    "data_shards.writer": _patch_writer,
+}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):

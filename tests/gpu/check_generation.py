@@ -23,8 +23,6 @@ sys.path.insert(0, str(ROOT))
 
 CONFIG = ROOT / "launch" / "configs" / "image" / "vqa_v2_pt_L.yaml"
 TARGET = 0.8  # new beam search tokens/s over stock generate's
-TINY_LM = dict(hidden_size=32, num_hidden_layers=6, num_attention_heads=4, ffn_dim=64, vocab_size=320,
-               max_position_embeddings=128, word_embed_proj_dim=32)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +45,9 @@ def model_tree(dry_run: bool) -> tuple[dict, int, int]:
     model["lm"]["pretrained"] = False
     model["encoder"]["pretrained"] = False
     if dry_run:
-        model["lm"]["config_overrides"] = TINY_LM
+        from tests.support import TINY_LM
+
+        model["lm"]["config_overrides"] = dict(TINY_LM)
         model["adapter"].update(start_layer=1, end_layer=5, prompt_tokens=3)
         model["encoder"]["num_states"] = 2
     from epalm.config import build_config
