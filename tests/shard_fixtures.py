@@ -58,6 +58,7 @@ def sample_meta(key: str, task: str, modality: str, index: int) -> dict:
     meta = {"id": key, "source": "tiny", "split": "train", "task": task, "modality": modality}
     if task == "qa":
         meta["question"] = f"what digit is {index}?"
+        meta["question_id"] = index  # as the builder's QA sources write it; eval.run scores by it
         meta["answers"] = [{"answer": "seven", "score": 0.9}, {"answer": "one", "score": 0.3}]
     else:
         meta["captions"] = [f"a handwritten digit {index}"]
