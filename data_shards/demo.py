@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=32, help="digit images and video frames are this size")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shards-per-split", type=int, default=4, help="at least ranks x loader workers")
+    p.add_argument(
+        "--tasks", nargs="+", choices=sorted(tasks(Path("raw"))), help="shards to build (default: all)"
+    )
     args = p.parse_args(argv)
     raw = args.out / "raw"
     write_digits(raw / "digits", args.image_size)
@@ -227,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     write_tones(raw / "tones")
     rows = []
     for task, per_split in tasks(raw).items():
+        if args.tasks and task not in args.tasks:
+            continue
         for split, source_args in per_split.items():
             out = args.out / "shards" / task / split
             size = _num_records(source_args, split)

@@ -20,7 +20,7 @@ export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 PYTHONWARNINGS=igno
 start=$(date +%s)
 
 echo "== 1/4 demo data and shards -> $OUT"
-$PY -m data_shards.demo --out "$OUT" | tail -n 13
+$PY -m data_shards.demo --out "$OUT" --tasks digits_vqa shapes_qa tones_caption | tail -n 11
 
 echo "== 2/4 unimodal pretraining of the frozen parts (train split only)"
 $PY launch/demo/tokenizer.py --raw "$OUT/raw/digits" --out "$OUT/tokenizer"
