@@ -54,11 +54,12 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def sample_meta(key: str, task: str, modality: str, index: int) -> dict:
+def sample_meta(key: str, task: str, modality: str, index: int, question_id: bool = True) -> dict:
     meta = {"id": key, "source": "tiny", "split": "train", "task": task, "modality": modality}
     if task == "qa":
         meta["question"] = f"what digit is {index}?"
-        meta["question_id"] = index  # as the builder's QA sources write it; eval.run scores by it
+        if question_id:  # as the builder's QA sources write it; eval.run scores by it
+            meta["question_id"] = index
         meta["answers"] = [{"answer": "seven", "score": 0.9}, {"answer": "one", "score": 0.3}]
     else:
         meta["captions"] = [f"a handwritten digit {index}"]
@@ -76,6 +77,7 @@ def write_dataset(
     fingerprint: dict | None = None,
     num_frames: int = 3,
     extra: dict[int, dict[str, bytes]] | None = None,
+    question_ids: bool = True,
 ) -> Path:
     """One shard per entry of `counts`; sample i's key is f"{prefix}{i:05d}"; `extra[i]` adds members."""
     root = Path(root)
@@ -86,7 +88,11 @@ def write_dataset(
         with tarfile.open(root / name, "w") as tar:
             for _ in range(count):
                 key = f"{prefix}{index:05d}"
-                add_member(tar, f"{key}.json", json.dumps(sample_meta(key, task, modality, index)).encode())
+                add_member(
+                    tar,
+                    f"{key}.json",
+                    json.dumps(sample_meta(key, task, modality, index, question_ids)).encode(),
+                )
                 if modality == "image":
                     add_member(tar, f"{key}.jpg", jpeg_bytes())
                 elif modality == "video":

@@ -175,7 +175,7 @@ def test_too_small_val_split_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="cannot give each of 2 ranks"):
         build_eval_split(cfg, str(shards), tok, DistInfo(0, 0, 2, "env"), None)
     # QA samples without question_id cannot be scored: no generation metric, training goes on
-    plain = write_dataset(tmp_path / "plain", [4], task="qa", modality="image")
+    plain = write_dataset(tmp_path / "plain", [4], task="qa", modality="image", question_ids=False)
     assert build_eval_split(cfg, str(plain), tok, DistInfo(0, 0, 1, "single"), None).problem
     no_val = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val=str(plain)))
     assert build_generation_eval(no_val, tok, DistInfo(0, 0, 1, "single")) is None
