@@ -78,7 +78,10 @@ def measure(name: str, tmp: Path) -> dict:
         "--no-progress",
     ]
     config = root / "enc.yaml"
-    tree = {"model": {"encoder": {**enc, "pretrained": False, "num_states": 6}}, "data": {"image_size": 224, "modality": modality}}
+    tree = {
+        "model": {"encoder": {**enc, "pretrained": False, "num_states": 6}},
+        "data": {"image_size": 224, "modality": modality},
+    }
     config.write_text(yaml.safe_dump(tree))
     _timed([PY, "-m", "data_shards.build", *build, "--out", str(root / "media"), "--workers", "2"])
     builder = _timed(
