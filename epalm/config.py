@@ -23,7 +23,7 @@ import yaml
 Dtype = Literal["float32", "float16", "bfloat16"]
 # the input each encoder kind takes (a config with another data.modality cannot run)
 ENCODER_MODALITY = {"vit": "image", "timesformer": "video", "ast": "audio"}
-# what a training dataset may hold besides: a TimeSformer reads an image as a one-frame clip
+# what a training dataset may hold besides: a TimeSformer reads an image as a still clip (every frame the image)
 EXTRA_MODALITIES = {"timesformer": ("image",)}
 
 
@@ -97,9 +97,8 @@ class DatasetConfig:
 
     path: str  # a shard directory holding manifest.json
     weight: float = 1.0  # relative sampling weight in the mixture
-    modality: Literal["image", "video", "audio"] | None = (
-        None  # when not data.modality (images in a video run)
-    )
+    # this dataset's input when it is not data.modality (image datasets in a video run: EXTRA_MODALITIES)
+    modality: Literal["image", "video", "audio"] | None = None
 
 
 @dataclass(frozen=True)

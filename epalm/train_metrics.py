@@ -27,9 +27,8 @@ class Window:
     steps: int = 0
     time: float = 0.0
     data_wait: float = 0.0
-    modalities: dict[str, int] = field(
-        default_factory=dict
-    )  # micro-batches per modality (equal on all ranks)
+    # micro-batches per modality (equal on all ranks: the trainer checks each one)
+    modalities: dict[str, int] = field(default_factory=dict)
 
     def add(self, loss: torch.Tensor, tokens: int, samples: int, modality: str | None = None) -> None:
         self.losses.append(loss)  # kept as tensors: no device sync per micro-step

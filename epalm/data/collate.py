@@ -54,6 +54,12 @@ def _frame_index(ext: str) -> int | None:
     return None
 
 
+def decode_frames(members: dict[str, bytes]) -> torch.Tensor | None:
+    """A video sample's frameNNN.jpg members in frame order, as (T, 3, H, W) uint8; None without frames."""
+    frames = sorted((i, ext) for ext in members if (i := _frame_index(ext)) is not None)
+    return torch.stack([decode_image(members[ext]) for _, ext in frames]) if frames else None
+
+
 class SampleError(ValueError):
     """One sample cannot be used; `reason` is one of schema.LOAD_SKIP_REASONS. Names the shard and key."""
 
@@ -119,10 +125,10 @@ class BatchBuilder:
         transform = self.image_transform
         if self.modality == "image":
             return transform(decode_image(m[schema.IMAGE]), rng)
-        frames = sorted((i, ext) for ext in m if (i := _frame_index(ext)) is not None)
-        if not frames:
+        frames = decode_frames(m)
+        if frames is None:
             raise SampleError("missing_member", sample, "a video sample without frameNNN.jpg members")
-        return transform(torch.stack([decode_image(m[ext]) for _, ext in frames]), rng)
+        return transform(frames, rng)
 
     def _text(self, meta: dict, rng: random.Random, sample: RawSample) -> str:
         eos = self.tokenizer.eos_token

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # data_shards, from a checkout
-
-from data_shards import demo  # noqa: E402
-from epalm.data import schema  # noqa: E402
-from epalm.data.collate import decode_image, decode_npy  # noqa: E402
-from epalm.data.stream import iter_range, load_manifest  # noqa: E402
-from epalm.data.transforms import AudioTransform, ImageTransform  # noqa: E402
+from data_shards import demo
+from epalm.data import schema
+from epalm.data.collate import decode_frames, decode_npy
+from epalm.data.stream import iter_range, load_manifest
+from epalm.data.transforms import AudioTransform, ImageTransform
 
 # transformers config overrides of the demo encoders; launch/configs/demo/*.yaml load the saved models.
 # Joint space-time attention (one of TimeSformer's own attention_type options) learns the direction from
@@ -54,8 +51,7 @@ def load_media(kind: str, shards: Path, split: str = "train") -> tuple[torch.Ten
     for _, sample in iter_range(shard_list, pieces, lambda ext: True):
         meta = json.loads(sample.members[schema.JSON])
         if kind == "timesformer":
-            frames = sorted(e for e in sample.members if e.startswith("frame"))
-            media.append(image(torch.stack([decode_image(sample.members[e]) for e in frames])))
+            media.append(image(decode_frames(sample.members)))
             labels.append(demo.shape_direction(meta["video_id"]))
         else:
             media.append(audio(torch.from_numpy(decode_npy(sample.members[schema.AUDIO]).astype("float32"))))

@@ -14,7 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
-PITCH_WORDS = ("low", "mid", "high")  # data_shards.demo.PITCHES
+from data_shards import demo
+
+PITCH_WORDS = tuple(demo.PITCHES)
+NUM_DIGITS = 10  # scikit-learn's digits, the answers of digits VQA
 
 
 def _summary(out: Path) -> dict:
@@ -49,23 +52,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.vqa:
         s = _summary(args.vqa)
         acc = float(s["scores"]["overall"])
-        rows.append(("digits VQA (image)", f"VQA v2 accuracy {acc:.2f}%", "10.00%", s["num_samples"]))
-        lines.append(f"demo: vqa_accuracy={acc:.2f} chance=10.00")
+        rows.append(("digits VQA (image)", f"VQA v2 accuracy {acc:.2f}%", NUM_DIGITS, s["num_samples"]))
+        lines.append(f"demo: vqa_accuracy={acc:.2f} chance={100 / NUM_DIGITS:.2f}")
     if args.video:
         s = _summary(args.video)
         acc = float(s["scores"]["accuracy"])
-        rows.append(("shapes QA (video)", f"MSRVTT-QA accuracy {acc:.2f}%", "25.00%", s["num_samples"]))
-        lines.append(f"demo: video_qa_accuracy={acc:.2f} chance=25.00")
+        rows.append(
+            ("shapes QA (video)", f"MSRVTT-QA accuracy {acc:.2f}%", len(demo.DIRECTIONS), s["num_samples"])
+        )
+        lines.append(f"demo: video_qa_accuracy={acc:.2f} chance={100 / len(demo.DIRECTIONS):.2f}")
     if args.audio:
         s = _summary(args.audio)
         acc, n = pitch_accuracy(args.audio)
         cider = 100 * float(s["scores"].get("CIDEr", float("nan")))
-        rows.append(("tones captions (audio)", f"pitch word {acc:.2f}% (CIDEr {cider:.1f})", "33.33%", n))
-        lines.append(f"demo: audio_pitch_accuracy={acc:.2f} chance=33.33")
+        rows.append(
+            ("tones captions (audio)", f"pitch word {acc:.2f}% (CIDEr {cider:.1f})", len(PITCH_WORDS), n)
+        )
+        lines.append(f"demo: audio_pitch_accuracy={acc:.2f} chance={100 / len(PITCH_WORDS):.2f}")
     print("\n== results (held-out test splits)")
     print(f"{'task':<24}{'score':<36}{'chance':<9}samples")
-    for task, score, chance, n in rows:
-        print(f"{task:<24}{score:<36}{chance:<9}{n}")
+    for task, score, classes, n in rows:  # chance: one over the classes
+        print(f"{task:<24}{score:<36}{f'{100 / classes:.2f}%':<9}{n}")
     if args.seconds is not None:
         print(f"demo wall time {args.seconds} s")
     print("\n".join(lines))
