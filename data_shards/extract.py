@@ -44,7 +44,7 @@ from epalm.data import schema
 from epalm.data.media import npy_bytes
 from epalm.data.stream import ShardList, iter_range, load_manifest
 from epalm.digest import file_sha256
-from epalm.distributed import DistInfo, get_dist_info, slurm_env_exports
+from epalm.distributed import DistInfo, get_dist_info, slurm_env_exports, without_cpu_shm_op
 
 EXIT_REQUEUE = 75  # as launch/train.py: stopped by a signal, finished shards kept; requeue and re-run
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -120,7 +120,8 @@ def join(timeout_minutes: int) -> Group:
     if info.source == "mpi":  # DeepSpeed's MPI discovery fills RANK / MASTER_ADDR from mpi4py
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=True, timeout=timeout)
+        with without_cpu_shm_op():
+            deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=True, timeout=timeout)
     else:
         dist.init_process_group("gloo", timeout=timeout)
     return Group(DistInfo(dist.get_rank(), info.local_rank, dist.get_world_size(), info.source))

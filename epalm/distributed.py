@@ -5,8 +5,9 @@ Pure functions over an environment mapping, plus `init_distributed` (DeepSpeed's
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -75,9 +76,41 @@ def init_distributed(timeout_minutes: int | None = None) -> DistInfo:
         kwargs = {"distributed_port": int(os.environ.get("MASTER_PORT", 29500))}
         if timeout_minutes is not None:
             kwargs["timeout"] = datetime.timedelta(minutes=timeout_minutes)
-        deepspeed.init_distributed(**kwargs)
+        with without_cpu_shm_op():
+            deepspeed.init_distributed(**kwargs)
     # MPI discovery sets RANK/LOCAL_RANK/WORLD_SIZE itself; read back what the group says.
     return DistInfo(dist.get_rank(), get_dist_info().local_rank, dist.get_world_size(), info.source)
+
+
+@contextlib.contextmanager
+def without_cpu_shm_op() -> Iterator[None]:
+    """Join DeepSpeed's process group on CPU without its shared-memory all-reduce op.
+
+    On the CPU accelerator `deepspeed.comm`'s TorchBackend JIT-builds `deepspeed_shm_comm` (~60 s of g++ on
+    the first run of a checkout) and maps a 66 MiB `/dev/shm/deepspeed_allreduce_buffer_*` per rank that
+    nothing ever unlinks: DeepSpeed never calls its `shared_close`, so every run leaves them behind, keyed
+    by master port (7.5 GiB of RAM had piled up on one of our test machines; the same leak in
+    https://github.com/sgl-project/sglang/pull/38638). The op serves only `inference_all_reduce`
+    (tensor-parallel inference); training's collectives go through torch.distributed either way
+    (deepspeed/comm/torch.py), so it is left out. Set EPALM_DS_SHM_OP=1 to keep DeepSpeed's default.
+    Nothing changes on GPU accelerators.
+    """
+    import importlib
+
+    from deepspeed.accelerator import get_accelerator
+
+    # by module path: the attribute `deepspeed.comm.torch` is torch itself (deepspeed/comm imports it)
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+
+    if get_accelerator().device_name() != "cpu" or os.environ.get("EPALM_DS_SHM_OP") == "1":
+        yield
+        return
+    build = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None  # TorchBackend.__init__ looks the builder up at call time
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = build
 
 
 def shutdown_distributed() -> None:

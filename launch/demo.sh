@@ -24,12 +24,10 @@ $PY -m data_shards.demo --out "$OUT" --tasks digits_vqa shapes_qa tones_caption 
 
 echo "== 2/4 unimodal pretraining of the frozen parts (train split only)"
 $PY launch/demo/tokenizer.py --raw "$OUT/raw/digits" --out "$OUT/tokenizer"
-# The three encoders and DeepSpeed's CPU shared-memory op (JIT-compiled at the first launch of a fresh
-# clone, ~60 s of g++) are independent single-threaded jobs: run them side by side on the 2 cores.
+# The three encoders are independent single-threaded jobs: run them side by side on the 2 cores.
 pretrain() { local log="$OUT/encoder/$1.log"; shift; "$PY" "$@" >"$log" 2>&1 || { cat "$log"; return 1; }; grep -v "Writing model" "$log" | tail -n 2; }
 mkdir -p "$OUT/encoder"
-{ "$PY" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" || true; } >"$OUT/encoder/shm_op.log" 2>&1 &
-jobs=($!)
+jobs=()
 pretrain vit launch/demo/pretrain_encoder.py --raw "$OUT/raw/digits" --out "$OUT/encoder/vit_digits.safetensors" &
 jobs+=($!)
 pretrain timesformer launch/demo/pretrain_media.py --kind timesformer --shards "$OUT/shards/shapes_qa/train" \
