@@ -10,6 +10,15 @@ export DS_ACCELERATOR ?= cpu
 # one thread per process: tests and the demo start several ranks on 2 cores, and oversubscription is ~10x slower
 export OMP_NUM_THREADS ?= 1
 
+# The ~6 GB of wheels go in with uv (https://docs.astral.sh/uv/), which unpacks and byte-compiles in
+# parallel: 2.5 min against pip's 4.6 min on a loaded 2-core machine (docs/benchmarks.md, "Setup").
+# uv does not read pip's configuration, so the indexes pip is configured with here are handed on, and
+# every index counts for every package, as in pip (uv's default takes a package from the first index).
+UV_PIN := uv==0.13.9
+PIP_SETTING = $(shell $(PIP) config list 2>/dev/null | sed -n "s/^[a-z:]*\.$(1)='\(.*\)'$$/\1/p")
+UV = .venv/bin/uv pip install -q --python $(PY) --compile-bytecode --index-strategy unsafe-best-match \
+	$(addprefix --extra-index-url ,$(sort $(call PIP_SETTING,extra-index-url))) $(addprefix --find-links ,$(sort $(call PIP_SETTING,find-links)))
+
 .PHONY: setup test test-fast lint bench demo clean
 
 setup: .venv/.done
@@ -19,10 +28,10 @@ setup: .venv/.done
 	  (apt-get update -qq && apt-get install -y -qq libopenmpi-dev openmpi-bin) >/dev/null || \
 	  echo "setup: Open MPI not installed; mpirun tests will skip"; }
 	test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip $(UV_PIN)
 	# torch first and pinned, so nothing later can swap it (README: "The two commands")
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -r requirements.txt
+	$(UV) torch==2.14.1 torchvision==0.29.1
+	$(UV) -r requirements.txt
 	# the project itself, editable, so launch/ scripts and subprocesses import it from anywhere
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@

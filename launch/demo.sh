@@ -5,13 +5,14 @@
 #   2. the frozen parts' "pretraining", train split only       (launch/demo/tokenizer.py, pretrain_encoder.py)
 #   3. training with the real launcher, 2 ranks, ZeRO-3        (deepspeed --num_gpus 2 launch/train.py)
 #   4. evaluation on the held-out test splits                  (python -m eval.run), then a results table
-# Variables: DEMO_OUT (default demo_out), DS_CONFIG (default ds_configs/zero3.json), DEMO_PRECISION (default
+# Variables: DEMO_OUT (default demo_out), DS_CONFIG (default ds_configs/zero3_small.json: ZeRO-3 without
+# persistent parameters, docs/training.md), DEMO_PRECISION (default
 # fp32: CPUs without bf16 instructions, like this 2-core AVX2 machine, run bf16 matmuls ~2.4x slower; measured
 # 0.95 vs 0.40 s per digits step. On GPUs leave it to the JSON's bf16: DEMO_PRECISION=bf16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-demo_out}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_small.json}
 PRECISION=${DEMO_PRECISION:-fp32}
 PY=.venv/bin/python
 export PATH="$PWD/.venv/bin:$PATH"
