@@ -12,10 +12,11 @@ export OMP_NUM_THREADS ?= 1
 
 # The ~6 GB of wheels go in with uv (https://docs.astral.sh/uv/), which unpacks and byte-compiles in
 # parallel: 2.5 min against pip's 4.6 min on a loaded 2-core machine (docs/benchmarks.md, "Setup").
-# uv does not read pip's configuration, so the indexes pip is configured with here are handed on, and
+# uv does not read pip's configuration, so the indexes pip is configured with here are handed on (read
+# with the system pip: make expands a recipe before its first line makes the venv), and
 # every index counts for every package, as in pip (uv's default takes a package from the first index).
 UV_PIN := uv==0.13.9
-PIP_SETTING = $(shell $(PIP) config list 2>/dev/null | sed -n "s/^[a-z:]*\.$(1)='\(.*\)'$$/\1/p")
+PIP_SETTING = $(shell python3 -m pip config list 2>/dev/null | sed -n "s/^[a-z:]*\.$(1)='\(.*\)'$$/\1/p")
 UV = .venv/bin/uv pip install -q --python $(PY) --compile-bytecode --index-strategy unsafe-best-match \
 	$(addprefix --extra-index-url ,$(sort $(call PIP_SETTING,extra-index-url))) $(addprefix --find-links ,$(sort $(call PIP_SETTING,find-links)))
 

@@ -15,6 +15,7 @@ import yaml
 from tests.shard_fixtures import write_dataset
 from tests.training_fixtures import ROOT, env, launch, read_jsonl, write_setup
 
+DEMO_DS_CONFIG = "ds_configs/zero3_small.json"  # what `make demo` trains these modalities under
 TINY_TIMESFORMER = dict(
     image_size=16, patch_size=8, num_frames=3, hidden_size=24, num_hidden_layers=2,
     num_attention_heads=2, intermediate_size=48,
@@ -51,7 +52,7 @@ def _setup(tmp: Path, modality: str) -> Path:
 
 
 def _run(config: Path, *args: str, fault: str = "", expect: int | None = 0):
-    r = launch("deepspeed", config, "--precision", "fp32", "--ds_config", str(ROOT / "ds_configs/zero3.json"),
+    r = launch("deepspeed", config, "--precision", "fp32", "--ds_config", str(ROOT / DEMO_DS_CONFIG),
                *args, fault=fault, timeout=420)  # fmt: skip
     if expect is not None:
         assert r.returncode == expect, (r.stdout[-3000:], r.stderr[-3000:])

@@ -36,7 +36,7 @@ def test_dist_info_from_each_launcher():
 
 def test_ds_config_injection_and_shipped_configs():
     train = build_config({"train": {"global_batch_size": 64, "micro_batch_size": 4}}).train
-    for name in ("zero0", "zero2", "zero3", "zero3_offload"):
+    for name in ("zero0", "zero2", "zero3", "zero3_offload", "zero3_small"):
         base = load_ds_config(DS / f"{name}.json")
         assert not set(base) & set(OWNED_KEYS), name
         zero = base["zero_optimization"]
@@ -50,6 +50,14 @@ def test_ds_config_injection_and_shipped_configs():
         build_ds_config({**base, "train_batch_size": 64}, train, world_size=2)
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         build_ds_config(base, train, world_size=2, precision="fp16", cuda=False)
+
+
+def test_zero3_small_is_zero3_without_persistent_parameters():
+    """The demo's config differs from the default in the one knob docs/training.md explains."""
+    small, default = (load_ds_config(DS / f"{name}.json") for name in ("zero3_small", "zero3"))
+    assert small["zero_optimization"].pop("stage3_param_persistence_threshold") == 0
+    assert default["zero_optimization"].pop("stage3_param_persistence_threshold") > 0
+    assert small == default
 
 
 def test_lr_schedule_warmup_then_cosine():
