@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 
 # The ~6 GB of wheels go in with uv (https://docs.astral.sh/uv/), which unpacks and byte-compiles in
-# parallel: 2.5 min against pip's 4.6 min on a loaded 2-core machine (docs/benchmarks.md, "Setup").
+# parallel: 116 s against pip's 219 s from an empty cache on 2 cores (docs/benchmarks.md, "Setup").
 # uv does not read pip's configuration, so the indexes pip is configured with here are handed on (read
 # with the system pip: make expands a recipe before its first line makes the venv), and
 # every index counts for every package, as in pip (uv's default takes a package from the first index).
