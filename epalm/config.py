@@ -143,7 +143,7 @@ class TrainConfig:
     seed: int = 42  # data order, random init of random-weight models, dropout
     log_every: int = 50  # steps between metric lines (console, TensorBoard, metrics.jsonl)
     eval_every: int = 1000  # steps between validation loss + generation metric; 0 disables
-    save_every: int = 1000  # steps between resumable checkpoints
+    save_every: int = 1000  # steps between resumable checkpoints; 0: only the final one
     keep_last: int = 3  # resumable checkpoints kept (older ones pruned)
     init_adapter: str | None = None  # adapter export to start from (e.g. the CC3M pretraining's)
 
@@ -384,6 +384,11 @@ def validate(cfg: Config, ok: Callable[..., bool] = lambda *paths: True) -> list
             f"train: global_batch_size {t.global_batch_size} is not a multiple of "
             f"micro_batch_size {t.micro_batch_size}"
         )
+    if ok("train.log_every") and t.log_every <= 0:
+        problems.append(f"train.log_every: must be positive, got {t.log_every}")
+    for name in ("eval_every", "save_every"):
+        if ok(f"train.{name}") and getattr(t, name) < 0:
+            problems.append(f"train.{name}: must be >= 0 (0 disables), got {getattr(t, name)}")
     for name in ("lr", "prompt_lr", "warmup_lr", "min_lr"):
         if ok(f"train.{name}") and getattr(t, name) < 0:
             problems.append(f"train.{name}: must be >= 0")

@@ -114,7 +114,8 @@ class Trainer:
                     window = Window()
                 if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
                     self.evaluate()
-                if self.step % self.cfg.train.save_every == 0 and self.step < total:
+                save_every = self.cfg.train.save_every  # 0: only the final checkpoint
+                if save_every and self.step % save_every == 0 and self.step < total:
                     self.save()
             self.save()
             self._finish(stopped=False)

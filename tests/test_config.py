@@ -40,6 +40,8 @@ def test_all_problems_reported_at_once():
         (["model.adapter.end_layer=9"], "past the LM's depth"),
         (["model.adapter.start_layer=4", "model.adapter.end_layer=2"], "start_layer < end_layer"),
         (["train.global_batch_size=10", "train.micro_batch_size=4"], "not a multiple"),
+        (["train.log_every=0"], "train.log_every: must be positive"),
+        (["train.save_every=-1"], "train.save_every: must be >= 0"),
     ],
 )
 def test_impossible_values(overrides, needle):
