@@ -18,7 +18,12 @@ from pathlib import Path
 from bench._launch import ROOT, machine_load
 
 COMMAND = "python -m bench.run setup"
-TORCH = ["torch==2.14.1", "torchvision==0.29.1"]  # the Makefile's pins
+
+
+def torch_pins() -> list[str]:
+    """requirements.txt's torch and torchvision pins, which the recipe installs first."""
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    return [line for line in lines if line.startswith(("torch==", "torchvision=="))]
 
 
 def _timed(cmds: list[list[str]], cwd: Path, env: dict[str, str]) -> float:
@@ -42,7 +47,7 @@ def main() -> str:
             [
                 ["python3", "-m", "venv", str(tmp / "pip-venv")],
                 [pip, "install", "-q", "--upgrade", "pip"],
-                [pip, "install", "-q", *TORCH],
+                [pip, "install", "-q", *torch_pins()],
                 [pip, "install", "-q", "-r", "requirements.txt"],
                 [pip, "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."],
             ],
