@@ -2,6 +2,12 @@
 checkpoint under ZeRO-3 on 2 CPU ranks, then checkpoint, kill -9, `--resume auto`. Reports load time, peak
 RSS per rank (load / steps), s/step, checkpoint bytes and whether the resumed adapter equals a straight run.
 
+The resumed run does not recompute step 1 (a step takes ~30 minutes here): its run directory starts with a copy of
+the straight run's step-1 checkpoint, exactly what it would have written itself, since a step is deterministic
+(tests/test_checkpoint_recovery.py proves straight == resumed on small models). It is started with
+`--resume auto`, killed with SIGKILL to the whole process group (both ranks, as a lost node) a while into step
+2, and started again with `--resume auto`; its final adapter is compared byte for byte with the straight run's.
+
 Random OPT-6.7B weights are written once (tensor by tensor, ~2 GB shards) under $EPALM_SCALE_CACHE
 (default /work/scale_cache) and reused. Not CI: ~20-40 minutes on 2 cores, ~20 GB of RAM.
 """
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +25,6 @@ import time
 from pathlib import Path
 
 from bench._launch import ROOT, VENV_BIN, bench_env, machine_load
-from tests.support import fault_env
 
 CACHE = Path(os.environ.get("EPALM_SCALE_CACHE", "/work/scale_cache"))
 CONFIG = "launch/configs/image/vqa_v2_pt_L.yaml"
@@ -26,6 +32,8 @@ DS_CONFIG = "ds_configs/zero3.json"
 COMMAND = "nice -n 19 python -m bench.run scale"
 SHARD_BYTES = 2 * 2**30
 STEPS, SAVE_EVERY = 2, 1
+# SIGKILL this long after the killed run logs "resumed from": inside step 2 (~30 min at 6.7B, ~10 s in the smoke run)
+KILL_INTO_STEP_S = 1 if os.environ.get("EPALM_SCALE_SMOKE") == "1" else 120
 MIN_AVAILABLE = 1.0 * 2**30  # abort (kill the run) below this much free memory: the machine is shared
 GIB = 2**30
 
@@ -134,32 +142,40 @@ def _rank_pids(root_pid: int) -> dict[int, int]:
     return ranks
 
 
-def launch(run_dir: Path, overrides: list[str], *extra: str, fault: str = "", timeout: int = 3600) -> dict:
+def launch(run_dir: Path, overrides: list[str], *extra: str, kill: bool = False, timeout: int = 7200) -> dict:
     """One `deepspeed --num_gpus 2 launch/train.py` run at nice 19, sampling each rank's RSS every 0.5 s.
 
-    The load phase ends when rank 0 logs its built engine ("ZeRO stage"); the rest is the steps phase."""
+    The load phase ends when rank 0 logs its built engine ("ZeRO stage"); the rest is the steps phase. With
+    `kill`, the launcher's process group (launcher and both ranks) gets SIGKILL KILL_INTO_STEP_S after the log
+    says "resumed from"."""
     import psutil
 
-    log_path = run_dir.parent / f"{run_dir.name}{'-killed' if fault else ''}-{int(time.time())}.log"
+    log_path = run_dir.parent / f"{run_dir.name}{'-killed' if kill else ''}-{int(time.time())}.log"
     cmd = [
         "nice", "-n", "19", str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()),
         "launch/train.py", "--ds_config", DS_CONFIG, "--config", CONFIG, *extra, *overrides,
     ]  # fmt: skip
-    env = bench_env(**fault_env(fault))  # tests/fault_hook on PYTHONPATH: the trainer patched at import
+    env = bench_env()
     start = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     peaks = {"load": {}, "steps": {}}
-    loaded_at, aborted = None, None
+    loaded_at, resumed_at, killed_at, aborted = None, None, None, None
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal loaded_at, aborted
+        nonlocal loaded_at, resumed_at, killed_at, aborted
         while not stop.is_set():
-            if loaded_at is None and "ZeRO stage" in log_path.read_text(errors="replace"):
+            text = log_path.read_text(errors="replace") if loaded_at is None or kill else ""
+            if loaded_at is None and "ZeRO stage" in text:
                 loaded_at = time.time()
+            if kill and resumed_at is None and "resumed from" in text:
+                resumed_at = time.time()
+            if resumed_at is not None and killed_at is None and time.time() - resumed_at > KILL_INTO_STEP_S:
+                killed_at = time.time()
+                os.killpg(proc.pid, signal.SIGKILL)
             phase = "load" if loaded_at is None else "steps"
             for rank, pid in _rank_pids(proc.pid).items():
                 s = _status_kib(pid)
@@ -185,9 +201,18 @@ def launch(run_dir: Path, overrides: list[str], *extra: str, fault: str = "", ti
         "aborted": aborted,
         "wall_s": time.time() - start,
         "load_s": None if loaded_at is None else loaded_at - start,
+        "killed_at_s": None if killed_at is None else killed_at - start,
+        "loaded_at": loaded_at,
+        "resumed_from": resumed_from(log_path),
         "peaks_kib": peaks,
         "log": str(log_path),
     }
+
+
+def resumed_from(log_path: Path) -> int | None:
+    """The step a run's log says it resumed at ("resumed from ... at step N"), None for a fresh start."""
+    found = re.search(r"resumed from \S+ at step (\d+)", log_path.read_text(errors="replace"))
+    return int(found.group(1)) if found else None
 
 
 def _port() -> int:
@@ -196,10 +221,21 @@ def _port() -> int:
     return free_port()
 
 
-def step_times(run_dir: Path) -> list[float]:
+def seed_checkpoint(source_run: Path, run_dir: Path, step: int) -> None:
+    """`run_dir/checkpoints` holds a copy of `source_run`'s checkpoint of `step`, named by `latest`."""
+    from epalm.resume import LATEST, tag_for
+
+    tag = tag_for(step)
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True)
+    shutil.copytree(source_run / "checkpoints" / tag, root / tag)
+    (root / LATEST).write_text(tag)
+
+
+def loss_times(run_dir: Path) -> list[float]:
+    """Wall-clock time of each logged training step (`log_every=1`), in order."""
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    times = [r["time"] for r in records if "loss" in r]
-    return [b - a for a, b in zip(times, times[1:])]
+    return [r["time"] for r in records if "loss" in r]
 
 
 def dir_bytes(path: Path) -> int:
@@ -231,7 +267,8 @@ def main() -> str:
     straight = launch(runs / "straight", overrides(runs / "straight"))
     results = {"straight": straight}
     if straight["rc"] == 0 and os.environ.get("EPALM_SCALE_RESUME", "1") == "1":
-        killed = launch(runs / "resumed", overrides(runs / "resumed"), fault=f"kill_after_step:{STEPS}")
+        seed_checkpoint(runs / "straight", runs / "resumed", SAVE_EVERY)
+        killed = launch(runs / "resumed", overrides(runs / "resumed"), "--resume", "auto", kill=True)
         resumed = launch(runs / "resumed", overrides(runs / "resumed"), "--resume", "auto")
         results.update(killed=killed, resumed=resumed)
     (runs / "scale_result.json").write_text(json.dumps(results, indent=1, default=str))
@@ -251,8 +288,10 @@ def report(results: dict, weights: Path, runs: Path, avail: int) -> str:
         f"`{COMMAND}` — `deepspeed --num_gpus 2 launch/train.py --ds_config {DS_CONFIG} --config {CONFIG}` with",
         f"`model.lm.name=` a random OPT-6.7B written once as bf16 sharded safetensors ({weight_bytes / 1e9:.2f} GB,",
         "`bench/scale.py`), a random ViT-L/16, micro-batch 1 per rank, torch AdamW, "
-        f"{STEPS} steps with a checkpoint at step {SAVE_EVERY}; then the same run killed (`kill -9`) after step "
-        f"{STEPS} and `--resume auto`. {machine_load()} at the end; {avail / GIB:.1f} GiB available at the start.",
+        f"{STEPS} steps with a checkpoint at step {SAVE_EVERY} (`straight`); then a run directory seeded with a "
+        f"copy of that checkpoint, `--resume auto`, SIGKILL to launcher and both ranks {KILL_INTO_STEP_S} s after "
+        f'"resumed from" (`killed`), and `--resume auto` again to step {STEPS} (`resumed`). {machine_load()} at '
+        f"the end; {avail / GIB:.1f} GiB available at the start.",
         "",
         "| run | rc | load s (to engine built) | wall s | rank | peak RSS load GiB (anon / file) | "
         "peak RSS steps GiB (anon / file) |",
@@ -263,8 +302,11 @@ def report(results: dict, weights: Path, runs: Path, avail: int) -> str:
             load = r["peaks_kib"]["load"].get(rank, {}) or r["peaks_kib"]["load"].get(str(rank), {})
             steps = r["peaks_kib"]["steps"].get(rank, {}) or r["peaks_kib"]["steps"].get(str(rank), {})
             load_s = "-" if r["load_s"] is None else f"{r['load_s']:.0f}"
+            why = r["aborted"] or (r.get("killed_at_s") and f"SIGKILL at {r['killed_at_s']:.0f} s")
+            if r.get("resumed_from") is not None:
+                why = f"{why + '; ' if why else ''}resumed at step {r['resumed_from']}"
             lines.append(
-                f"| {name} | {r['rc']}{' (' + r['aborted'] + ')' if r['aborted'] else ''} | {load_s} | "
+                f"| {name} | {r['rc']}{' (' + why + ')' if why else ''} | {load_s} | "
                 f"{r['wall_s']:.0f} | {rank} | {_gib(load.get('VmRSS'))} ({_gib(load.get('RssAnon'))} / "
                 f"{_gib(load.get('RssFile'))}) | {_gib(steps.get('VmRSS'))} ({_gib(steps.get('RssAnon'))} / "
                 f"{_gib(steps.get('RssFile'))}) |"
@@ -272,8 +314,18 @@ def report(results: dict, weights: Path, runs: Path, avail: int) -> str:
     lines.append("")
     straight = runs / "straight"
     if (straight / "metrics.jsonl").is_file():
-        dts = step_times(straight)
-        lines.append(f"- s/step (straight run, steps 2..{STEPS}): {', '.join(f'{d:.1f}' for d in dts)}")
+        times = loss_times(straight)
+        loaded_at = results["straight"].get("loaded_at")
+        first = (
+            f"step 1 {times[0] - loaded_at:.0f} (from the engine built, first-step warm-up included)"
+            if (times and loaded_at)
+            else ""
+        )
+        later = [f"step {i + 2} {b - a:.0f}" for i, (a, b) in enumerate(zip(times, times[1:]))]
+        lines.append(
+            f"- s/step (straight run): {', '.join([first, *later]) if first else ', '.join(later)}"
+            " (a step's time includes the checkpoint of the step before)"
+        )
     ck = straight / "checkpoints" / f"step_{SAVE_EVERY:08d}"
     if ck.is_dir():
         files = sorted((p.relative_to(ck).as_posix(), p.stat().st_size) for p in ck.rglob("*") if p.is_file())
