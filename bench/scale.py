@@ -2,14 +2,15 @@
 checkpoint under ZeRO-3 on 2 CPU ranks, then checkpoint, kill -9, `--resume auto`. Reports load time, peak
 RSS per rank (load / steps), s/step, checkpoint bytes and whether the resumed adapter equals a straight run.
 
-The resumed run does not recompute step 1 (a step takes ~30 minutes here): its run directory starts with a copy of
-the straight run's step-1 checkpoint, exactly what it would have written itself, since a step is deterministic
-(tests/test_checkpoint_recovery.py proves straight == resumed on small models). It is started with
-`--resume auto`, killed with SIGKILL to the whole process group (both ranks, as a lost node) a while into step
-2, and started again with `--resume auto`; its final adapter is compared byte for byte with the straight run's.
+The straight run trains STEPS steps with a checkpoint every SAVE_EVERY. The interrupted run starts fresh in its own
+run directory; once its step-SAVE_EVERY checkpoint is committed (`checkpoints/latest` names it), it gets SIGKILL to
+the whole process group (launcher and both ranks, as a lost node) 0.4 x the straight run's step time later, i.e.
+inside the next step; then `--resume auto` runs it to STEPS, and its final adapter is compared byte for byte with
+the straight run's.
 
 Random OPT-6.7B weights are written once (tensor by tensor, ~2 GB shards) under $EPALM_SCALE_CACHE
-(default /work/scale_cache) and reused. Not CI: ~20-40 minutes on 2 cores, ~20 GB of RAM.
+(default /work/scale_cache) and reused (~2 minutes to write). Not CI: ~25 minutes on 2 cores with AVX512-BF16
+(a 6.7B step ~1 minute), hours without it (bf16 emulated: ~30 minutes a step); ~20 GB of RAM.
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ CONFIG = "launch/configs/image/vqa_v2_pt_L.yaml"
 DS_CONFIG = "ds_configs/zero3.json"
 COMMAND = "nice -n 19 python -m bench.run scale"
 SHARD_BYTES = 2 * 2**30
-STEPS, SAVE_EVERY = 2, 1
-# SIGKILL this long after the killed run logs "resumed from": inside step 2 (~30 min at 6.7B, ~10 s in the smoke run)
-KILL_INTO_STEP_S = 1 if os.environ.get("EPALM_SCALE_SMOKE") == "1" else 120
+STEPS, SAVE_EVERY = 4, 2
+KILL_INTO_STEP = 0.4  # SIGKILL this fraction of a step after the step-SAVE_EVERY checkpoint is committed
 MIN_AVAILABLE = 1.0 * 2**30  # abort (kill the run) below this much free memory: the machine is shared
 GIB = 2**30
 
@@ -142,15 +142,20 @@ def _rank_pids(root_pid: int) -> dict[int, int]:
     return ranks
 
 
-def launch(run_dir: Path, overrides: list[str], *extra: str, kill: bool = False, timeout: int = 7200) -> dict:
+def launch(
+    run_dir: Path, overrides: list[str], *extra: str, kill_after_s: float | None = None, timeout: int = 7200
+) -> dict:
     """One `deepspeed --num_gpus 2 launch/train.py` run at nice 19, sampling each rank's RSS every 0.5 s.
 
     The load phase ends when rank 0 logs its built engine ("ZeRO stage"); the rest is the steps phase. With
-    `kill`, the launcher's process group (launcher and both ranks) gets SIGKILL KILL_INTO_STEP_S after the log
-    says "resumed from"."""
+    `kill_after_s`, the launcher's process group (launcher and both ranks) gets SIGKILL that long after
+    `run_dir/checkpoints/latest` names step SAVE_EVERY."""
     import psutil
 
-    log_path = run_dir.parent / f"{run_dir.name}{'-killed' if kill else ''}-{int(time.time())}.log"
+    log_path = (
+        run_dir.parent
+        / f"{run_dir.name}{'-killed' if kill_after_s is not None else ''}-{int(time.time())}.log"
+    )
     cmd = [
         "nice", "-n", "19", str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()),
         "launch/train.py", "--ds_config", DS_CONFIG, "--config", CONFIG, *extra, *overrides,
@@ -162,18 +167,17 @@ def launch(run_dir: Path, overrides: list[str], *extra: str, kill: bool = False,
             cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     peaks = {"load": {}, "steps": {}}
-    loaded_at, resumed_at, killed_at, aborted = None, None, None, None
+    loaded_at, saved_at, killed_at, aborted = None, None, None, None
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal loaded_at, resumed_at, killed_at, aborted
+        nonlocal loaded_at, saved_at, killed_at, aborted
         while not stop.is_set():
-            text = log_path.read_text(errors="replace") if loaded_at is None or kill else ""
-            if loaded_at is None and "ZeRO stage" in text:
+            if loaded_at is None and "ZeRO stage" in log_path.read_text(errors="replace"):
                 loaded_at = time.time()
-            if kill and resumed_at is None and "resumed from" in text:
-                resumed_at = time.time()
-            if resumed_at is not None and killed_at is None and time.time() - resumed_at > KILL_INTO_STEP_S:
+            if kill_after_s is not None and saved_at is None and _committed(run_dir) == SAVE_EVERY:
+                saved_at = time.time()
+            if saved_at is not None and killed_at is None and time.time() - saved_at > kill_after_s:
                 killed_at = time.time()
                 os.killpg(proc.pid, signal.SIGKILL)
             phase = "load" if loaded_at is None else "steps"
@@ -221,21 +225,19 @@ def _port() -> int:
     return free_port()
 
 
-def seed_checkpoint(source_run: Path, run_dir: Path, step: int) -> None:
-    """`run_dir/checkpoints` holds a copy of `source_run`'s checkpoint of `step`, named by `latest`."""
-    from epalm.resume import LATEST, tag_for
+def _committed(run_dir: Path) -> int | None:
+    """The step `run_dir/checkpoints/latest` names (written once a checkpoint is complete), None before."""
+    from epalm.resume import TAG, read_latest
 
-    tag = tag_for(step)
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True)
-    shutil.copytree(source_run / "checkpoints" / tag, root / tag)
-    (root / LATEST).write_text(tag)
+    found = TAG.match(read_latest(run_dir / "checkpoints") or "")
+    return int(found.group(1)) if found else None
 
 
-def loss_times(run_dir: Path) -> list[float]:
-    """Wall-clock time of each logged training step (`log_every=1`), in order."""
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [r["time"] for r in records if "loss" in r]
+def step_records(run_dir: Path) -> list[dict]:
+    """The training-step rows of metrics.jsonl (`log_every=1`: one per step), in order."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return [r for r in rows if "loss" in r]
 
 
 def dir_bytes(path: Path) -> int:
@@ -267,8 +269,8 @@ def main() -> str:
     straight = launch(runs / "straight", overrides(runs / "straight"))
     results = {"straight": straight}
     if straight["rc"] == 0 and os.environ.get("EPALM_SCALE_RESUME", "1") == "1":
-        seed_checkpoint(runs / "straight", runs / "resumed", SAVE_EVERY)
-        killed = launch(runs / "resumed", overrides(runs / "resumed"), "--resume", "auto", kill=True)
+        step_s = sorted(r["step_time_s"] for r in step_records(runs / "straight"))[STEPS // 2]
+        killed = launch(runs / "resumed", overrides(runs / "resumed"), kill_after_s=KILL_INTO_STEP * step_s)
         resumed = launch(runs / "resumed", overrides(runs / "resumed"), "--resume", "auto")
         results.update(killed=killed, resumed=resumed)
     (runs / "scale_result.json").write_text(json.dumps(results, indent=1, default=str))
@@ -288,9 +290,9 @@ def report(results: dict, weights: Path, runs: Path, avail: int) -> str:
         f"`{COMMAND}` — `deepspeed --num_gpus 2 launch/train.py --ds_config {DS_CONFIG} --config {CONFIG}` with",
         f"`model.lm.name=` a random OPT-6.7B written once as bf16 sharded safetensors ({weight_bytes / 1e9:.2f} GB,",
         "`bench/scale.py`), a random ViT-L/16, micro-batch 1 per rank, torch AdamW, "
-        f"{STEPS} steps with a checkpoint at step {SAVE_EVERY} (`straight`); then a run directory seeded with a "
-        f"copy of that checkpoint, `--resume auto`, SIGKILL to launcher and both ranks {KILL_INTO_STEP_S} s after "
-        f'"resumed from" (`killed`), and `--resume auto` again to step {STEPS} (`resumed`). {machine_load()} at '
+        f"{STEPS} steps with a checkpoint every {SAVE_EVERY} (`straight`); then the same run in a new directory, "
+        f"SIGKILL to launcher and both ranks {KILL_INTO_STEP} of a step after its step-{SAVE_EVERY} checkpoint is "
+        f"committed (`killed`), and `--resume auto` to step {STEPS} (`resumed`). {machine_load()} at "
         f"the end; {avail / GIB:.1f} GiB available at the start.",
         "",
         "| run | rc | load s (to engine built) | wall s | rank | peak RSS load GiB (anon / file) | "
@@ -313,18 +315,16 @@ def report(results: dict, weights: Path, runs: Path, avail: int) -> str:
             )
     lines.append("")
     straight = runs / "straight"
-    if (straight / "metrics.jsonl").is_file():
-        times = loss_times(straight)
-        loaded_at = results["straight"].get("loaded_at")
-        first = (
-            f"step 1 {times[0] - loaded_at:.0f} (from the engine built, first-step warm-up included)"
-            if (times and loaded_at)
-            else ""
-        )
-        later = [f"step {i + 2} {b - a:.0f}" for i, (a, b) in enumerate(zip(times, times[1:]))]
+    rows = step_records(straight)
+    if rows:
         lines.append(
-            f"- s/step (straight run): {', '.join([first, *later]) if first else ', '.join(later)}"
-            " (a step's time includes the checkpoint of the step before)"
+            "- s/step (straight run, the trainer's `step_time_s`: forward + backward + AdamW, no checkpoint): "
+            + ", ".join(f"step {r['step']} {r['step_time_s']:.1f}" for r in rows)
+        )
+        again = {r["step"]: r["loss"] for r in step_records(runs / "resumed")}
+        lines.append(
+            "- loss per step, straight / interrupted + resumed: "
+            + ", ".join(f"{r['step']}: {r['loss']!r} / {again.get(r['step'], '-')!r}" for r in rows)
         )
     ck = straight / "checkpoints" / f"step_{SAVE_EVERY:08d}"
     if ck.is_dir():
