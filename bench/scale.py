@@ -29,7 +29,7 @@ from bench._launch import ROOT, VENV_BIN, bench_env, machine_load
 
 CACHE = Path(os.environ.get("EPALM_SCALE_CACHE", "/work/scale_cache"))
 CONFIG = "launch/configs/image/vqa_v2_pt_L.yaml"
-DS_CONFIG = "ds_configs/zero3.json"
+DS_CONFIG = os.environ.get("EPALM_SCALE_DS_CONFIG", "ds_configs/zero3.json")  # e.g. ds_configs/zero3_lowmem.json
 COMMAND = "nice -n 19 python -m bench.run scale"
 SHARD_BYTES = 2 * 2**30
 STEPS, SAVE_EVERY = 4, 2
