@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 MODULES = ["generation", "builder", "loader", "zero", "features", "preemption", "extract", "eval_padding"]
-# only when named: scale ~40 min, ~20 GB RAM, 14 GB disk; setup ~10 min, 13 GB disk
+# only when named: scale ~20 min (hours without AVX512-BF16), ~20 GB RAM, 14 GB disk; setup ~10 min, 13 GB disk
 OPT_IN = ["scale", "setup"]
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nWritten by `make bench` (`python -m bench.run`). Machine: {machine}.\n"

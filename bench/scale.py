@@ -29,7 +29,8 @@ from bench._launch import ROOT, VENV_BIN, bench_env, machine_load
 
 CACHE = Path(os.environ.get("EPALM_SCALE_CACHE", "/work/scale_cache"))
 CONFIG = "launch/configs/image/vqa_v2_pt_L.yaml"
-DS_CONFIG = os.environ.get("EPALM_SCALE_DS_CONFIG", "ds_configs/zero3.json")  # e.g. ds_configs/zero3_lowmem.json
+# EPALM_SCALE_DS_CONFIG=ds_configs/zero3_lowmem.json measures the low-memory ZeRO-3 settings
+DS_CONFIG = os.environ.get("EPALM_SCALE_DS_CONFIG", "ds_configs/zero3.json")
 COMMAND = "nice -n 19 python -m bench.run scale"
 SHARD_BYTES = 2 * 2**30
 STEPS, SAVE_EVERY = 4, 2
@@ -339,7 +340,7 @@ def report(results: dict, weights: Path, runs: Path, avail: int) -> str:
             f"- resumed adapter equals the straight run's, byte for byte: **{a.read_bytes() == b.read_bytes()}**"
         )
     else:
-        lines.append("- resumed adapter: not compared (a run did not finish)")
+        lines.append("- resumed adapter: not compared (EPALM_SCALE_RESUME=0, or a run did not finish)")
     peak_anon = max(
         (
             v.get("RssAnon", 0)
