@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import threading
 import time
@@ -207,7 +208,6 @@ def launch(
         "wall_s": time.time() - start,
         "load_s": None if loaded_at is None else loaded_at - start,
         "killed_at_s": None if killed_at is None else killed_at - start,
-        "loaded_at": loaded_at,
         "resumed_from": resumed_from(log_path),
         "peaks_kib": peaks,
         "log": str(log_path),
@@ -270,7 +270,7 @@ def main() -> str:
     straight = launch(runs / "straight", overrides(runs / "straight"))
     results = {"straight": straight}
     if straight["rc"] == 0 and os.environ.get("EPALM_SCALE_RESUME", "1") == "1":
-        step_s = sorted(r["step_time_s"] for r in step_records(runs / "straight"))[STEPS // 2]
+        step_s = statistics.median(r["step_time_s"] for r in step_records(runs / "straight"))
         killed = launch(runs / "resumed", overrides(runs / "resumed"), kill_after_s=KILL_INTO_STEP * step_s)
         resumed = launch(runs / "resumed", overrides(runs / "resumed"), "--resume", "auto")
         results.update(killed=killed, resumed=resumed)
