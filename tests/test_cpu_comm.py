@@ -14,6 +14,8 @@ from epalm.distributed import free_port
 from tests.support import cpu_child_env
 
 JOIN = """
+import os
+
 import deepspeed.comm.comm as ds_comm
 import torch
 import torch.distributed as dist
@@ -26,7 +28,8 @@ total = torch.tensor([float(info.rank + 1)])
 dist.all_reduce(total)
 assert total.item() == 3.0, total
 shutdown_distributed()
-print("joined", info.rank, info.world_size)
+# one write(2) of a short line: atomic on a pipe, so the two ranks' lines never interleave (print() may split it)
+os.write(1, f"joined {info.rank} {info.world_size}\\n".encode())
 """
 
 
