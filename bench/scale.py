@@ -33,6 +33,9 @@ CONFIG = "launch/configs/image/vqa_v2_pt_L.yaml"
 # EPALM_SCALE_DS_CONFIG=ds_configs/zero3_lowmem.json measures the low-memory ZeRO-3 settings
 DS_CONFIG = os.environ.get("EPALM_SCALE_DS_CONFIG", "ds_configs/zero3.json")
 COMMAND = "nice -n 19 python -m bench.run scale"
+# variables that change what the run measures: the report's command names those that are set
+RUN_ENV = ("EPALM_SCALE_SMOKE", "EPALM_SCALE_LM", "EPALM_SCALE_RESUME", "EPALM_SCALE_DS_CONFIG")
+RUN_ENV += ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 SHARD_BYTES = 2 * 2**30
 STEPS, SAVE_EVERY = 4, 2
 KILL_INTO_STEP = 0.4  # SIGKILL this fraction of a step after the step-SAVE_EVERY checkpoint is committed
@@ -278,6 +281,11 @@ def main() -> str:
     return report(results, weights, runs, avail)
 
 
+def _command() -> str:
+    """COMMAND, prefixed with the RUN_ENV variables of this run."""
+    return " ".join([*(f"{k}={os.environ[k]}" for k in RUN_ENV if k in os.environ), COMMAND])
+
+
 def _gib(kib: int | None) -> str:
     return "-" if not kib else f"{kib * 1024 / GIB:.2f}"
 
@@ -288,7 +296,7 @@ def report(results: dict, weights: Path, runs: Path, avail: int) -> str:
     lines = [
         "## Full size on CPU: pt-L (OPT-6.7B + ViT-L/16) under ZeRO-3, 2 ranks",
         "",
-        f"`{COMMAND}` — `deepspeed --num_gpus 2 launch/train.py --ds_config {DS_CONFIG} --config {CONFIG}` with",
+        f"`{_command()}` — `deepspeed --num_gpus 2 launch/train.py --ds_config {DS_CONFIG} --config {CONFIG}` with",
         f"`model.lm.name=` a random OPT-6.7B written once as bf16 sharded safetensors ({weight_bytes / 1e9:.2f} GB,",
         "`bench/scale.py`), a random ViT-L/16, micro-batch 1 per rank, torch AdamW, "
         f"{STEPS} steps with a checkpoint every {SAVE_EVERY} (`straight`); then the same run in a new directory, "
@@ -305,11 +313,17 @@ def report(results: dict, weights: Path, runs: Path, avail: int) -> str:
             load = r["peaks_kib"]["load"].get(rank, {}) or r["peaks_kib"]["load"].get(str(rank), {})
             steps = r["peaks_kib"]["steps"].get(rank, {}) or r["peaks_kib"]["steps"].get(str(rank), {})
             load_s = "-" if r["load_s"] is None else f"{r['load_s']:.0f}"
-            why = r["aborted"] or (r.get("killed_at_s") and f"SIGKILL at {r['killed_at_s']:.0f} s")
-            if r.get("resumed_from") is not None:
-                why = f"{why + '; ' if why else ''}resumed at step {r['resumed_from']}"
+            why = "; ".join(
+                note
+                for note in (
+                    r["aborted"],
+                    r.get("killed_at_s") is not None and f"SIGKILL at {r['killed_at_s']:.0f} s",
+                    r.get("resumed_from") is not None and f"resumed at step {r['resumed_from']}",
+                )
+                if note
+            )
             lines.append(
-                f"| {name} | {r['rc']}{' (' + why + ')' if why else ''} | {load_s} | "
+                f"| {name} | {r['rc']}{f' ({why})' if why else ''} | {load_s} | "
                 f"{r['wall_s']:.0f} | {rank} | {_gib(load.get('VmRSS'))} ({_gib(load.get('RssAnon'))} / "
                 f"{_gib(load.get('RssFile'))}) | {_gib(steps.get('VmRSS'))} ({_gib(steps.get('RssAnon'))} / "
                 f"{_gib(steps.get('RssFile'))}) |"
