@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from epalm.distributed import free_port
-from tests.support import cpu_child_env
+from testing.support import cpu_child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"

@@ -15,7 +15,7 @@ from pathlib import Path
 from epalm.data.length_order import length_sorted
 from epalm.data.loader import DatasetSpec, build_eval_loader
 from epalm.data.text import build_tokenizer
-from epalm.tokenizer_trainer import save_tokenizer
+from epalm.data.tokenizer_trainer import save_tokenizer
 
 BATCH, WINDOW, VARIED = 16, 16, 1000
 
@@ -45,7 +45,7 @@ def _count(batches) -> tuple[int, int, int]:
 
 def main() -> str:
     from data_shards.demo import DIGIT_QUESTION
-    from tests.length_fixtures import WORDS, write_varied_vqa_shards
+    from testing.length_fixtures import WORDS, write_varied_vqa_shards
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -179,8 +179,8 @@ def measure(which: str, tmp: Path) -> dict:
     from epalm.config import build_config
     from epalm.data.loader import DatasetSpec, build_train_loader
     from epalm.data.text import build_tokenizer
+    from epalm.data.tokenizer_trainer import save_tokenizer
     from epalm.model.epalm import build_model
-    from epalm.tokenizer_trainer import save_tokenizer
 
     enc_cfg, modality, media_shape = ENCODERS[which]
     torch.manual_seed(0)

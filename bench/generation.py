@@ -2,7 +2,7 @@
 cache vs recompute, on a random OPT-125m-shaped LM with eP-ALM's injection, in one process.
 
 The previous implementation (log-probs copied to the host each step, a Python loop per batch item) lives only in
-bench/old_generation.py. Stock `generate` runs on the same LM without injection or prompt: the ceiling.
+testing/old_generation.py. Stock `generate` runs on the same LM without injection or prompt: the ceiling.
 tests/gpu/check_generation.py times the same paths (`time_paths`) at OPT-6.7B shape on a GPU.
 """
 
@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import torch
 
-from bench import old_generation
 from epalm.config import build_config
-from epalm.decoding import generate
+from epalm.evaluation.decoding import generate
 from epalm.model.epalm import EPALM, build_model
+from testing import old_generation
 
 PROMPT_LEN, NEW_TOKENS, BEAMS, BATCHES = 12, 30, 3, (8, 32)
 
@@ -114,7 +114,7 @@ def main() -> str:
 Command: `python -m bench.run generation` ({threads} CPU threads, fp32). Random OPT-125m-shaped LM (hidden 768,
 12 layers) with injection into layers 5..10 and a 10-token soft prompt, {PROMPT_LEN}-token inputs, {NEW_TOKENS} new
 tokens (EOS never emitted, so every path decodes all of them), {BEAMS} beams; best of 2 interleaved runs after a
-warm-up, all in one process. "Previous" is the host-side beam search kept in bench/old_generation.py.
+warm-up, all in one process. "Previous" is the host-side beam search kept in testing/old_generation.py.
 
 | batch | path | seconds | new tokens/s | vs previous |
 |---|---|---|---|---|

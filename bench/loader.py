@@ -211,7 +211,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 def _measure() -> list[tuple[str, int, float]]:
     from epalm.data.loader import DatasetSpec, build_train_loader
     from epalm.data.text import build_tokenizer
-    from epalm.tokenizer_trainer import save_tokenizer
+    from epalm.data.tokenizer_trainer import save_tokenizer
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

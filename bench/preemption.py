@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tests.slurm_cluster import SlurmCluster, demo_data, install_slurm, run_preempted
+from testing.slurm_cluster import SlurmCluster, demo_data, install_slurm, run_preempted
 
 COMMAND = "python -m bench.run preemption"
 MAX_STEPS = 24

@@ -103,8 +103,8 @@ def write_random_opt(out: Path, overrides: dict | None = None, arch: str = "6.7b
 
 def write_data(out: Path) -> tuple[Path, Path]:
     """A small tokenizer (ids < OPT's vocab) and 2 image-QA shards of 16 samples."""
-    from epalm.tokenizer_trainer import save_tokenizer
-    from tests.shard_fixtures import write_dataset
+    from epalm.data.tokenizer_trainer import save_tokenizer
+    from testing.shard_fixtures import write_dataset
 
     tok = out / "tok"
     if not (out / ".done").is_file():
@@ -231,7 +231,7 @@ def _port() -> int:
 
 def _committed(run_dir: Path) -> int | None:
     """The step `run_dir/checkpoints/latest` names (written once a checkpoint is complete), None before."""
-    from epalm.resume import TAG, read_latest
+    from epalm.run.resume import TAG, read_latest
 
     found = TAG.match(read_latest(run_dir / "checkpoints") or "")
     return int(found.group(1)) if found else None

@@ -1,5 +1,5 @@
 """ZeRO-0 vs ZeRO-2 vs ZeRO-3 on 2 CPU ranks (torchrun, gloo), bf16, an OPT-125m-shaped random LM built by
-`epalm.engine.build_engine` from cached encoder states: step time, peak memory and resident frozen bytes per rank.
+`epalm.train.engine.build_engine` from cached encoder states: step time, peak memory and resident frozen bytes per rank.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from epalm.config import build_config
     from epalm.distributed import init_distributed
-    from epalm.ds_config import build_ds_config, load_ds_config
-    from epalm.engine import build_engine
+    from epalm.train.ds_config import build_ds_config, load_ds_config
+    from epalm.train.engine import build_engine
 
     info = init_distributed()
     tree = model_tree()
@@ -143,7 +143,7 @@ def main() -> str:
     return f"""## ZeRO-0 vs ZeRO-2 vs ZeRO-3 (2 CPU ranks)
 
 Command: `{COMMAND}` (runs `torchrun --nproc_per_node {NPROC} -m bench.zero --stage S ...` once per stage,
-1 thread per rank, gloo). The product's engine (`epalm.engine.build_engine`, `ds_configs/zeroS.json`, bf16,
+1 thread per rank, gloo). The product's engine (`epalm.train.engine.build_engine`, `ds_configs/zeroS.json`, bf16,
 `torch.optim.AdamW(fused=True)`) around a random OPT-125m-shaped LM (hidden 768, 12 layers, vocab 50272)
 fed cached encoder states (6 x 768, no encoder: the LM is isolated), 6 injected layers, 10-token prompt;
 micro-batch {MICRO} x {TOKENS} tokens per rank, median of {STEPS} steps after {WARMUP} warm-up steps.

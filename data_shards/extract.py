@@ -44,9 +44,17 @@ from epalm.data import schema
 from epalm.data.media import npy_bytes
 from epalm.data.stream import ShardList, iter_range, load_manifest
 from epalm.digest import file_sha256
-from epalm.distributed import DistInfo, get_dist_info, slurm_env_exports, without_cpu_shm_op
+from epalm.distributed import (
+    DistInfo,
+    broadcast_from_rank0,
+    get_dist_info,
+    slurm_env_exports,
+    without_cpu_shm_op,
+)
+from epalm.exit_codes import (
+    REQUEUE as EXIT_REQUEUE,  # stopped by a signal, finished shards kept; requeue, re-run
+)
 
-EXIT_REQUEUE = 75  # as launch/train.py: stopped by a signal, finished shards kept; requeue and re-run
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -97,13 +105,7 @@ class Group:
         return out
 
     def broadcast(self, obj: object) -> object:
-        if self.info.world_size == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return broadcast_from_rank0(obj, self.info)
 
 
 def join(timeout_minutes: int) -> Group:

@@ -150,7 +150,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Generation for in-training evaluation, eval.run and epalm.generate."""
+    """Generation for in-training evaluation, eval.run and epalm.cli.generate."""
 
     num_beams: int = 3  # 1: greedy
     max_new_tokens: int = 30  # generation stops here or at EOS

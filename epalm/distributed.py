@@ -126,9 +126,10 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def broadcast_from_rank0(obj: object, info: DistInfo) -> object:
-    """Rank 0's `obj` on every rank (picklable; no-op without a process group). Usable before the engine
-    exists: under NCCL the object travels through this rank's GPU, chosen here from the local rank."""
+def broadcast_from_rank0(obj: object, info: DistInfo | None = None) -> object:
+    """Rank 0's `obj` on every rank (picklable; no-op without a process group). Under NCCL the object
+    travels through this rank's GPU: the local rank's when `info` is given (before the engine exists),
+    else the current device."""
     import torch
     import torch.distributed as dist
 
@@ -136,8 +137,11 @@ def broadcast_from_rank0(obj: object, info: DistInfo) -> object:
         return obj
     device = None
     if dist.get_backend() == "nccl":
-        device = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(device)
+        if info is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cuda", info.local_rank)
+            torch.cuda.set_device(device)
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=device)
     return box[0]

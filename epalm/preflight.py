@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from epalm.checkpoint import ADAPTER_WEIGHTS
 from epalm.config import Check, Config, build_config, load_config
 from epalm.locations import is_remote, looks_local
 from epalm.model.injection import schedule_problems
 from epalm.model.language_model import find_lm_config
+from epalm.run.layout import ADAPTER_WEIGHTS
 
 
 def model_problems(cfg: Config, ok: Callable[..., bool]) -> list[str]:

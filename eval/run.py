@@ -22,17 +22,12 @@ import torch.distributed as dist
 from epalm.config import ENCODER_MODALITY
 from epalm.data.loader import DatasetSpec, build_eval_loader, io_options
 from epalm.distributed import exit_process, get_dist_info, shutdown_distributed
-from epalm.evaluate import (
-    TASKS,
-    gather_predictions,
-    load_eval_model,
-    predict,
-    score_split,
-    write_outputs,
-)
+from epalm.evaluation.predict import gather_predictions, load_eval_model, predict
+from epalm.evaluation.references import load_shard_metas
+from epalm.evaluation.scoring import score_split, write_outputs
+from epalm.evaluation.tasks import TASKS
 from epalm.metrics.caption import spice_status
 from epalm.metrics.vqa import MetricsInputError
-from epalm.references import load_shard_metas
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -10,12 +10,25 @@ for several nodes use srun (launch/slurm/train.sbatch) or mpirun (launch/mpi/tra
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from epalm.supervisor import main  # noqa: E402
+from epalm.train.supervisor import supervise  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return supervise(argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

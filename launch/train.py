@@ -20,8 +20,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-EXIT_CONFIG = 2
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -45,14 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:  # the deepspeed launcher passes it; the environment is authoritative
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
+    from epalm import exit_codes
     from epalm.config import ConfigError
     from epalm.distributed import get_dist_info, init_distributed, shutdown_distributed
-    from epalm.ds_config import load_ds_config
     from epalm.preflight import load_run_config
-    from epalm.run_lock import acquire_run_lock
-    from epalm.supervisor import register_rank
-    from epalm.train_setup import build_train_setup
-    from epalm.trainer import run
+    from epalm.run.lock import acquire_run_lock
+    from epalm.train.ds_config import load_ds_config
+    from epalm.train.setup import build_train_setup
+    from epalm.train.supervisor import register_rank
+    from epalm.train.trainer import run
 
     register_rank()  # a stop signal from now on is kept for the training loop; see launch/supervise.py
 
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+        return exit_codes.USAGE
     code = run(setup)  # a normal end or a signal stop (every rank stops at the same step)
     shutdown_distributed()
     lock.release()
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from epalm.distributed import exit_process
-    from epalm.supervisor import record_exit
+    from epalm.train.supervisor import record_exit
 
     code = main()
     record_exit(code)  # for launch/supervise.py, which launchers do not pass exit codes to

@@ -1,6 +1,6 @@
 """Pytest fixtures: tiny, random, offline models shared by the tests. Nothing downloads.
 
-Only fixtures and hooks live here; the constants and helpers that test modules import are in tests/support.py.
+Only fixtures and hooks live here; the constants and helpers that test modules import are in testing/support.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from epalm.config import build_config  # noqa: E402
-from tests.support import tiny_tree  # noqa: E402
+from testing.support import tiny_tree  # noqa: E402
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def tiny_model(tiny_config):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     from epalm.data.text import build_tokenizer
-    from epalm.tokenizer_trainer import save_tokenizer
+    from epalm.data.tokenizer_trainer import save_tokenizer
 
     texts = [
         "what digit is this?",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tests.support import TINY_LM, TINY_VIT
+from testing.support import TINY_LM, TINY_VIT
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 SAFE_INDEX = "model.safetensors.index.json"

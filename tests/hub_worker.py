@@ -1,5 +1,5 @@
 """One rank of tests/test_hub_formats.py (started by torchrun): for each hub-layout LM directory, build the
-engine through `epalm.engine.build_engine` under ZeRO-3 bf16 with `model.lm.pretrained=true`, record the
+engine through `epalm.train.engine.build_engine` under ZeRO-3 bf16 with `model.lm.pretrained=true`, record the
 frozen bytes this rank holds right after loading and after `deepspeed.initialize`, train two steps, then
 gather every frozen tensor and compare it with the checkpoint's, cast to bf16. Writes OUT/rank{r}.json."""
 
@@ -47,13 +47,13 @@ def mismatches(module, saved: dict[str, torch.Tensor], dtype: torch.dtype) -> tu
 
 
 def run_layout(lm_dir: Path, vit_file: Path, world: int, rank: int) -> dict:
-    import epalm.engine as engine_mod
+    import epalm.train.engine as engine_mod
     from epalm.config import build_config
-    from epalm.ds_config import build_ds_config, load_ds_config
-    from epalm.engine import build_engine
-    from epalm.memory_plan import plan_memory
+    from epalm.train.ds_config import build_ds_config, load_ds_config
+    from epalm.train.engine import build_engine
+    from epalm.train.memory_plan import plan_memory
+    from testing.support import tiny_tree
     from tests.hub_fixtures import read_checkpoint
-    from tests.support import tiny_tree
 
     tree = tiny_tree()
     tree["model"]["lm"] = {"name": str(lm_dir), "pretrained": True}

@@ -1,5 +1,5 @@
 """A stand-in rank for the launcher signal tests: it reacts to SIGTERM/SIGUSR1 as launch/train.py does
-(the supervisor hooks of epalm.supervisor; a signal on one rank stops all, through a file here instead of the
+(the supervisor hooks of epalm.train.supervisor; a signal on one rank stops all, through a file here instead of the
 trainer's all-reduce), "checkpoints" and exits 75, without loading torch, so each launcher is cheap to test.
 
     python tests/signal_rank.py DIR     (DIR shared by the ranks; `ready-<rank>` appears once it listens)
@@ -14,9 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from epalm.distributed import get_dist_info  # noqa: E402
-from epalm.supervisor import record_exit, register_rank, stop_requested_early  # noqa: E402
-
-EXIT_REQUEUE = 75
+from epalm.exit_codes import REQUEUE as EXIT_REQUEUE
+from epalm.train.supervisor import record_exit, register_rank, stop_requested_early  # noqa: E402
 
 
 def main() -> int:

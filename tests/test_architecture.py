@@ -101,7 +101,7 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
 
 
 def test_no_file_imports_conftest_as_a_module():
-    """conftest.py holds pytest fixtures and hooks only; what test modules import lives in tests/support.py."""
+    """conftest.py holds pytest fixtures and hooks only; what test modules import lives in testing/support.py."""
     for top in ("tests", "bench", "eval", "launch", "data_shards", "epalm"):
         for path in (ROOT / top).rglob("*.py"):
             bad = {m for m in _imports(path) if m.split(".")[-1] == "conftest" or ".conftest." in m}

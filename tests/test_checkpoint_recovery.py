@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from epalm.checkpoint import load_training_state, save_training_state
 from epalm.config import ConfigError, build_config, load_config
 from epalm.distributed import DistInfo
-from epalm.ds_config import load_ds_config
-from tests.support import tiny_tree
+from epalm.run.checkpoint import load_training_state, save_training_state
+from epalm.train.ds_config import load_ds_config
+from testing.support import tiny_tree
 from tests.training_fixtures import ROOT, write_setup
 
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -60,7 +60,7 @@ def setup(tmp_path_factory):
 
 
 def _resume(config: Path, run_dir: Path, resume: str):
-    from epalm.train_setup import build_train_setup
+    from epalm.train.setup import build_train_setup
 
     cfg = load_config(config, [f"run_dir={run_dir}"])
     ds = load_ds_config(ROOT / "ds_configs" / "zero2.json")
@@ -170,7 +170,7 @@ def test_full_disk_message_without_errno(tmp_path, monkeypatch):
 
 
 def test_adapter_export_respects_the_umask(tmp_path):
-    from epalm.checkpoint import save_adapter
+    from epalm.run.adapter import save_adapter
 
     cfg = build_config(tiny_tree())
     old = os.umask(0o022)
@@ -183,9 +183,9 @@ def test_adapter_export_respects_the_umask(tmp_path):
 
 
 def test_adapter_export_works_from_another_directory(tmp_path, monkeypatch, tiny_model):
-    from epalm.checkpoint import save_adapter
-    from epalm.evaluate import load_eval_model
-    from epalm.tokenizer_trainer import save_tokenizer
+    from epalm.data.tokenizer_trainer import save_tokenizer
+    from epalm.evaluation.predict import load_eval_model
+    from epalm.run.adapter import save_adapter
 
     work = tmp_path / "work"
     work.mkdir()
@@ -201,7 +201,8 @@ def test_adapter_export_works_from_another_directory(tmp_path, monkeypatch, tiny
 
 
 def test_metrics_after_resume_do_not_repeat_steps(tmp_path):
-    from epalm.train_metrics import METRICS_FILE, MetricWriter
+    from epalm.run.layout import METRICS as METRICS_FILE
+    from epalm.train.tracking import MetricWriter
 
     rows = [json.dumps({"step": s, "loss": 1.0}) for s in range(1, 7)]
     (tmp_path / METRICS_FILE).write_text("\n".join(rows) + '\n{"step": 7, "lo')  # killed mid-line

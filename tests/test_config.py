@@ -9,7 +9,7 @@ import pytest
 
 from epalm.config import ConfigError, build_config, gradient_accumulation_steps, load_config
 from epalm.preflight import build_run_config
-from tests.support import tiny_tree
+from testing.support import tiny_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "launch" / "configs").rglob("*.yaml"))
@@ -77,7 +77,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "launch" / "configs")))
 def test_shipped_yaml_resolves_and_describes(path):
     cfg = load_config(path)
-    from epalm.describe import describe
+    from epalm.cli.describe import describe
     from epalm.model.epalm import build_model
 
     lines = describe(build_model(cfg.model, device="meta"), cfg)
@@ -86,7 +86,11 @@ def test_shipped_yaml_resolves_and_describes(path):
 
 def _describe_last_line(config: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "epalm.describe", config], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "epalm.cli.describe", config],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return out.stdout.strip().splitlines()[-1]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from epalm.distributed import free_port
-from tests.support import cpu_child_env
+from testing.support import cpu_child_env
 
 JOIN = """
 import os

@@ -14,7 +14,7 @@ import pytest
 
 from epalm.data import schema
 from epalm.data.resumable import eval_batches_per_rank
-from tests.shard_fixtures import add_member, jpeg_bytes
+from testing.shard_fixtures import add_member, jpeg_bytes
 from tests.test_eval_run import make_adapter
 
 NUM_SAMPLES, BATCH = 5, 2  # ranks get samples [0, 2) and [2, 5): 1 and 2 batches

@@ -4,7 +4,7 @@ import torch
 
 from epalm.config import EncoderConfig
 from epalm.model.encoders import build_encoder
-from tests.support import TINY_VIT
+from testing.support import TINY_VIT
 
 TINY_HF = dict(hidden_size=24, num_hidden_layers=4, num_attention_heads=2, intermediate_size=48)
 

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from epalm.checkpoint import save_adapter
 from epalm.config import build_config
-from tests.support import tiny_tree
+from epalm.run.adapter import save_adapter
+from testing.support import tiny_tree
 
 TEXTS = ["what digit is this?", "a handwritten digit seven", "a picture of the number three"] * 20
 
 
 def make_adapter(root: Path, encoder: dict | None = None, **data) -> Path:
     """A tiny random model saved as an adapter export; its config.yaml names a tokenizer saved under `root`."""
+    from epalm.data.tokenizer_trainer import save_tokenizer
     from epalm.model.epalm import build_model
-    from epalm.tokenizer_trainer import save_tokenizer
 
     tree = tiny_tree()
     tree["model"]["lm"]["tokenizer"] = str(save_tokenizer(TEXTS, root / "tok", vocab_size=300))
@@ -70,9 +70,9 @@ def run_eval(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_eval_model_is_the_saved_model(setup):
-    from epalm.checkpoint import load_adapter
-    from epalm.evaluate import load_eval_model
+    from epalm.evaluation.predict import load_eval_model
     from epalm.model.epalm import build_model
+    from epalm.run.adapter import load_adapter
 
     adapter, _ = setup
     model, tokenizer, cfg = load_eval_model(adapter)
@@ -229,8 +229,8 @@ def test_task_must_fit_the_encoder(setup, tmp_path, capsys):
 
 
 def test_references_from_shards_give_full_marks_to_the_truth(setup):
-    from epalm.evaluate import build_references, score
-    from epalm.references import load_shard_metas
+    from epalm.evaluation.references import load_shard_metas
+    from epalm.evaluation.scoring import build_references, score
 
     _, data = setup
     manifest, metas = load_shard_metas(data / "digits_vqa/val")
@@ -249,7 +249,7 @@ def test_references_from_shards_give_full_marks_to_the_truth(setup):
 
 
 def test_gather_rejects_repeated_and_missing_ids():
-    from epalm.evaluate import gather_predictions
+    from epalm.evaluation.predict import gather_predictions
 
     records = [{"question_id": 1, "answer": "a"}, {"question_id": 2, "answer": "b"}]
     assert gather_predictions(records, expected=2) == records
@@ -260,7 +260,7 @@ def test_gather_rejects_repeated_and_missing_ids():
 
 
 def test_caption_references_refuse_repeated_media():
-    from epalm.evaluate import build_references
+    from epalm.evaluation.scoring import build_references
 
     metas = [{"id": f"7_{j}", "image_id": 7, "modality": "image", "captions": ["a"]} for j in range(2)]
     with pytest.raises(ValueError, match="several samples"):

@@ -17,8 +17,8 @@ import yaml
 from data_shards import extract
 from epalm.data import schema
 from epalm.distributed import free_port
+from testing.support import cpu_child_env, fault_env
 from tests.fixtures_data import dump, jpeg, read_split, run_build
-from tests.support import cpu_child_env, fault_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(ROOT / ".venv" / "bin" / "python")
@@ -184,8 +184,8 @@ def test_kill9_then_sigterm_then_rerun_is_byte_identical(data, one_rank):
 
 
 def _train(data: Path, shards: Path, run: Path) -> list[float]:
-    from epalm.tokenizer_trainer import save_tokenizer
-    from tests.support import tiny_tree
+    from epalm.data.tokenizer_trainer import save_tokenizer
+    from testing.support import tiny_tree
     from tests.training_fixtures import read_jsonl
 
     tok = data / "tok"
@@ -217,7 +217,7 @@ def test_training_on_extracted_features_reaches_the_builders_loss(data, one_rank
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_extract_sbatch_two_tasks_on_local_slurm(data, one_rank):
-    from tests.slurm_cluster import SlurmCluster, install_slurm
+    from testing.slurm_cluster import SlurmCluster, install_slurm
 
     reason = install_slurm()
     if reason:

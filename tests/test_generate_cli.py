@@ -1,4 +1,4 @@
-"""`python -m epalm.generate` on one PNG, mp4 or wav prints one answer or caption, and for an image or a
+"""`python -m epalm.cli.generate` on one PNG, mp4 or wav prints one answer or caption, and for an image or a
 video it is the answer `eval.run` gives for the same file built into shards."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ TINY_HF = dict(hidden_size=24, num_hidden_layers=4, num_attention_heads=2, inter
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    from epalm import generate
+    from epalm.cli import generate
 
     code = generate.main(list(argv))
     captured = capsys.readouterr()
@@ -82,10 +82,10 @@ def eval_answer(capsys, adapter: Path, source_args: list[str], task: str, out: P
 
 def assert_same_media_as_eval(adapter: Path, shards: Path, task: str = "qa", **media: Path) -> None:
     """The CLI's tensor equals what the eval loader feeds the encoder for the same file."""
-    from epalm.checkpoint import load_adapter
     from epalm.data.loader import DatasetSpec, build_eval_loader
+    from epalm.data.media_input import load_media
     from epalm.data.text import build_tokenizer
-    from epalm.generate import load_media
+    from epalm.run.adapter import load_adapter
 
     _, cfg = load_adapter(adapter)
     spec = DatasetSpec(shards, task, cfg.data.modality)

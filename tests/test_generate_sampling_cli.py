@@ -1,4 +1,4 @@
-"""`python -m epalm.generate` sampling flags: a seed fixes the output, bad settings are an error (exit 2), and the
+"""`python -m epalm.cli.generate` sampling flags: a seed fixes the output, bad settings are an error (exit 2), and the
 GPU generation check runs its CPU dry run."""
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
-from epalm.decoding import decode_generated, generate
+from epalm.evaluation.decoding import decode_generated, generate
 from epalm.model.connector import Connector
 from epalm.model.epalm import EPALM
 
@@ -46,7 +46,7 @@ def test_left_padded_batch_equals_one_by_one(tiny_model, num_beams):
 
 def test_greedy_equals_transformers_generate_without_adapter():
     """No prompt, no injected token: our greedy decoding is stock OPT's."""
-    from tests.support import TINY_LM
+    from testing.support import TINY_LM
 
     torch.manual_seed(0)
     lm = OPTForCausalLM(OPTConfig(**TINY_LM, init_std=0.3)).eval()
@@ -106,8 +106,8 @@ def test_decode_stops_at_eos(tiny_tokenizer):
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_same_tokens_as_the_previous_host_side_implementation(tiny_model, num_beams, use_cache):
-    """The cases above give the tokens the host-side search (kept in bench/old_generation.py) gave."""
-    from bench.old_generation import generate as old_generate
+    """The cases above give the tokens the host-side search (kept in testing/old_generation.py) gave."""
+    from testing.old_generation import generate as old_generate
 
     ids, mask = _left_padded()
     media = torch.randn(4, 3, 16, 16)
@@ -117,7 +117,7 @@ def test_same_tokens_as_the_previous_host_side_implementation(tiny_model, num_be
 
 
 def _stock_opt(seed: int, init_std: float) -> tuple[OPTForCausalLM, EPALM]:
-    from tests.support import TINY_LM
+    from testing.support import TINY_LM
 
     torch.manual_seed(seed)
     lm = OPTForCausalLM(OPTConfig(**TINY_LM, init_std=init_std)).eval()

@@ -94,7 +94,7 @@ def test_timm_vit_from_local_safetensors(hub_dirs):
 
     from epalm.config import EncoderConfig
     from epalm.model.encoders import build_encoder
-    from tests.support import TINY_VIT
+    from testing.support import TINY_VIT
 
     cfg = EncoderConfig(
         kind="vit", name="vit_base_patch16_224", pretrained=True, checkpoint=str(hub_dirs["vit"]),

@@ -22,7 +22,7 @@ def _batch(vocab=320, left_pad=True):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("left_pad", [True, False])
 def test_logits_equal_stock_opt_when_switched_off(attn, left_pad):
-    from tests.support import TINY_LM
+    from testing.support import TINY_LM
 
     torch.manual_seed(0)
     lm = OPTForCausalLM(OPTConfig(**TINY_LM, attn_implementation=attn)).eval()
@@ -34,7 +34,7 @@ def test_logits_equal_stock_opt_when_switched_off(attn, left_pad):
 
 
 def test_logits_equal_stock_for_350m_style_projection_and_post_norm():
-    from tests.support import TINY_LM
+    from testing.support import TINY_LM
 
     torch.manual_seed(0)
     cfg = OPTConfig(**{**TINY_LM, "word_embed_proj_dim": 16, "do_layer_norm_before": False})
@@ -87,7 +87,7 @@ def test_visual_attention_original_leaks_future_causal_does_not(tiny_config):
     visual token see the whole sequence (the original's all-zero mask row), so they do."""
     from epalm.config import build_config
     from epalm.model.epalm import build_model
-    from tests.support import tiny_tree
+    from testing.support import tiny_tree
 
     ids, mask = _batch(left_pad=False)
     mask = torch.ones_like(mask)

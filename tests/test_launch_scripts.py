@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import DEMO_CONFIG, ROOT, demo_data, demo_overrides, train_env
+from testing.slurm_cluster import DEMO_CONFIG, ROOT, demo_data, demo_overrides, train_env
 
 SCRIPTS = sorted(p for p in (ROOT / "launch").rglob("*") if p.suffix in (".sh", ".sbatch"))
 CLUSTER_SCRIPTS = [p for p in SCRIPTS if p.parent.name in ("slurm", "mpi")]

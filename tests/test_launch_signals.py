@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from epalm.exit_codes import REQUEUE as EXIT_REQUEUE
 from tests.training_fixtures import ROOT, VENV_BIN, env, free_port
 
 RANK = ROOT / "tests" / "signal_rank.py"
 SUPERVISE = [sys.executable, str(ROOT / "launch" / "supervise.py")]
-EXIT_REQUEUE = 75
 
 
 def _children(pid: int) -> list[int]:

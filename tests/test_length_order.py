@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from epalm.data.length_order import length_sorted
-from tests.length_fixtures import write_varied_vqa_shards
+from testing.length_fixtures import write_varied_vqa_shards
 
 PAD = 1
 
@@ -78,7 +78,7 @@ def test_predict_with_sorting_equals_loader_order(tmp_path):
 
     from epalm.config import EvalConfig
     from epalm.data.loader import DatasetSpec, build_eval_loader
-    from epalm.evaluate import load_eval_model, predict
+    from epalm.evaluation.predict import load_eval_model, predict
     from tests.test_eval_run import make_adapter
 
     model, tokenizer, _ = load_eval_model(make_adapter(tmp_path))

@@ -13,8 +13,8 @@ import torch
 from epalm.config import build_config
 from epalm.data.loader import DatasetSpec, build_train_loader
 from epalm.data.stream import UnsafeMemberError, load_manifest
+from testing.shard_fixtures import one_torch_thread, write_dataset
 from tests.remote_fixtures import replace_member, truncate_half
-from tests.shard_fixtures import one_torch_thread, write_dataset
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -14,8 +14,8 @@ from epalm.data import sources
 from epalm.data.loader import DatasetSpec, build_eval_loader, build_train_loader
 from epalm.data.sources import ShardReadError
 from epalm.data.stream import UnsafeMemberError, load_manifest
+from testing.shard_fixtures import one_torch_thread, write_dataset
 from tests.remote_fixtures import s3_server, serve
-from tests.shard_fixtures import one_torch_thread, write_dataset
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from epalm.data.loader import DatasetSpec, build_train_loader
-from tests.shard_fixtures import one_torch_thread, write_dataset
+from testing.shard_fixtures import one_torch_thread, write_dataset
 
 pytestmark = pytest.mark.timeout(180)
 

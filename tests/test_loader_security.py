@@ -12,7 +12,7 @@ import torch
 from epalm.data import collate
 from epalm.data.loader import DatasetSpec, build_train_loader
 from epalm.data.stream import UnsafeMemberError
-from tests.shard_fixtures import npy_bytes, one_torch_thread, write_dataset
+from testing.shard_fixtures import npy_bytes, one_torch_thread, write_dataset
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,7 @@ import pytest
 
 from epalm.data.loader import DatasetSpec, build_eval_loader, build_train_loader, eval_batches_per_rank
 from epalm.data.text import ANSWER_TOKEN
-from tests.shard_fixtures import all_keys, one_torch_thread, write_dataset
+from testing.shard_fixtures import all_keys, one_torch_thread, write_dataset
 
 COUNTS = [9, 14, 5, 11]  # 39 samples in uneven shards
 pytestmark = pytest.mark.timeout(120)

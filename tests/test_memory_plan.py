@@ -1,4 +1,4 @@
-"""The memory planner (`python -m epalm.describe CONFIG --gpus N --zero S`): frozen bytes from the meta-device
+"""The memory planner (`python -m epalm.cli.describe CONFIG --gpus N --zero S`): frozen bytes from the meta-device
 model, trainable state per ZeRO stage, and the activation model checked against the tensors autograd saves."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from epalm.config import build_config, load_config
-from epalm.memory_plan import lm_activation_bytes, plan_memory, trainable_state_bytes
-from tests.support import tiny_tree
+from epalm.train.memory_plan import lm_activation_bytes, plan_memory, trainable_state_bytes
+from testing.support import tiny_tree
 
 PT_L = "launch/configs/image/vqa_v2_pt_L.yaml"
 LAST = re.compile(
@@ -28,7 +28,7 @@ def _meta_frozen_count(cfg) -> int:
 
 
 def test_describe_plan_pt_l_on_8_gpus_zero3(capsys):
-    from epalm.describe import main
+    from epalm.cli.describe import main
 
     main([PT_L, "--gpus", "8", "--zero", "3"])
     last = capsys.readouterr().out.rstrip("\n").splitlines()[-1]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.shard_fixtures import write_dataset
+from testing.shard_fixtures import write_dataset
 from tests.training_fixtures import ROOT, env, launch, read_jsonl, write_setup
 
 DEMO_DS_CONFIG = "ds_configs/zero3_small.json"  # what `make demo` trains these modalities under

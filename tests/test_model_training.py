@@ -74,7 +74,7 @@ def test_tiny_model_overfits_one_batch(tiny_tokenizer):
     """
     from epalm.config import build_config
     from epalm.model.epalm import build_model
-    from tests.support import tiny_tree
+    from testing.support import tiny_tree
 
     tree = tiny_tree(prompt_tokens=10)
     tree["model"]["lm"]["config_overrides"].update(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.slurm_cluster import DEMO_CONFIG, ROOT, VENV_BIN, demo_data, demo_overrides, free_port, train_env
+from testing.slurm_cluster import DEMO_CONFIG, ROOT, VENV_BIN, demo_data, demo_overrides, free_port, train_env
 
 pytestmark = [pytest.mark.multinode, pytest.mark.distributed, pytest.mark.slow]
 STEPS = 8

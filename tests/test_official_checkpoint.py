@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from epalm.official import convert_official_state_dict, load_official_checkpoint
+from epalm.model.official import convert_official_state_dict, load_official_checkpoint
 
 
 def _official_state(model) -> dict:

@@ -1,5 +1,5 @@
 """report.md from a synthetic run directory: best/last/test metrics next to the paper's numbers, valid PNG
-plots, a resumed run's repeated steps, and the `python -m epalm.report` command line."""
+plots, a resumed run's repeated steps, and the `python -m epalm.cli.report` command line."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from epalm.report import PAPER, main, series, write_report
+from epalm.cli.report import main
+from epalm.evaluation.report import PAPER, series, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +95,7 @@ def test_paper_table_matches_the_shipped_configs():
 def test_command_line_rewrites_the_report(tmp_path):
     run = _fake_run(tmp_path / "run", "msvd_qa", "qa", "accuracy", {10: 30.0})
     r = subprocess.run(
-        [sys.executable, "-m", "epalm.report", str(run)],
+        [sys.executable, "-m", "epalm.cli.report", str(run)],
         cwd=ROOT,
         capture_output=True,
         text=True,

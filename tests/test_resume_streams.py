@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from epalm.data import schema
 from epalm.data.loader import DatasetSpec, build_train_loader
 from epalm.data.text import build_tokenizer
+from testing.shard_fixtures import one_torch_thread, write_dataset
 from tests.remote_fixtures import replace_member, serve
-from tests.shard_fixtures import one_torch_thread, write_dataset
 from tests.test_loader_remote import pipe_of, same, take
 
 pytestmark = pytest.mark.timeout(300)

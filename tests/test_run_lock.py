@@ -11,10 +11,10 @@ import sys
 import pytest
 
 from epalm.distributed import free_port
-from epalm.run_lock import LOCK_FILE, try_lock
+from epalm.run.lock import LOCK_FILE, try_lock
 from tests.training_fixtures import ROOT, env, write_setup
 
-HOLD = "import sys, time; from epalm.run_lock import try_lock; l, why = try_lock(sys.argv[1]); print(why or 'held', flush=True); time.sleep(300)"
+HOLD = "import sys, time; from epalm.run.lock import try_lock; l, why = try_lock(sys.argv[1]); print(why or 'held', flush=True); time.sleep(300)"
 
 
 def _holder(run_dir, **extra):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from epalm.decoding import generate
+from epalm.evaluation.decoding import generate
 from tests.test_generation import _left_padded, _stock_opt
 
 KW = dict(eos_token_id=2, pad_token_id=1, num_beams=1)
@@ -128,7 +128,7 @@ def test_first_token_follows_the_models_softmax(tiny_model, temperature, top_k, 
 
 def test_config_refuses_sampling_with_beams_and_bad_settings():
     from epalm.config import build_config
-    from tests.support import tiny_tree
+    from testing.support import tiny_tree
 
     ok = build_config(tiny_tree() | {"eval": {"do_sample": True, "num_beams": 1, "top_k": 0, "seed": None}})
     assert ok.eval.do_sample and ok.eval.top_k == 0 and ok.eval.seed is None

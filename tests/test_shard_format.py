@@ -10,8 +10,8 @@ import tarfile
 import webdataset as wds
 
 from data_shards.writer import write_tar
+from testing.shard_fixtures import jpeg_bytes
 from tests.remote_fixtures import serve
-from tests.shard_fixtures import jpeg_bytes
 
 SAMPLES = [
     (

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tests.slurm_cluster import (
+from testing.slurm_cluster import (
     CPU_JOB_OPTIONS,
     DEMO_CONFIG,
     ROOT,

@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from epalm import eval_hook
 from epalm.config import build_config
 from epalm.distributed import DistInfo
-from epalm.eval_hook import (
+from epalm.evaluation import hook as eval_hook
+from epalm.evaluation.hook import (
     BestTracker,
     EvalContext,
     GenerationEval,
@@ -25,9 +25,10 @@ from epalm.eval_hook import (
     eval_task,
     evaluate_to_dir,
 )
-from epalm.evaluate import Scored, headline
-from tests.shard_fixtures import one_torch_thread, write_dataset
-from tests.support import tiny_tree
+from epalm.evaluation.scoring import Scored
+from epalm.evaluation.tasks import headline
+from testing.shard_fixtures import one_torch_thread, write_dataset
+from testing.support import tiny_tree
 from tests.test_distributed_eval import write_vqa_shards
 from tests.training_fixtures import ROOT, launch, read_jsonl, write_setup
 
@@ -116,7 +117,7 @@ def test_hook_writes_best_only_on_improvement_and_resume_keeps_the_best(tmp_path
 
 
 def _tiny_cfg(tmp: Path, task: str, **eval_cfg) -> object:
-    from epalm.tokenizer_trainer import save_tokenizer
+    from epalm.data.tokenizer_trainer import save_tokenizer
 
     texts = ["what digit is this? seven one", "a handwritten digit seven", "a picture of a digit"] * 20
     tree = tiny_tree()

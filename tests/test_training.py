@@ -13,8 +13,8 @@ import torch
 
 from epalm.config import ConfigError, build_config, load_config
 from epalm.distributed import DistInfo, get_dist_info, slurm_env_exports
-from epalm.ds_config import OWNED_KEYS, build_ds_config, load_ds_config
-from epalm.optimizer import choose_optimizer, lr_factor
+from epalm.train.ds_config import OWNED_KEYS, build_ds_config, load_ds_config
+from epalm.train.optimizer import choose_optimizer, lr_factor
 from tests.training_fixtures import ROOT, launch, read_jsonl, write_setup
 
 DS = ROOT / "ds_configs"
@@ -80,14 +80,14 @@ def test_optimizer_choice():
 
 
 def _prepare(config: Path, overrides=(), world_size=2, ds="zero3.json"):
-    from epalm.train_setup import build_train_setup
+    from epalm.train.setup import build_train_setup
 
     cfg = load_config(config, list(overrides))
     return build_train_setup(cfg, load_ds_config(DS / ds), DistInfo(0, 0, world_size, "env"), None, "fp32")
 
 
 def test_bad_configs_fail_before_training(tmp_path):
-    from tests.shard_fixtures import write_dataset
+    from testing.shard_fixtures import write_dataset
 
     config = write_setup(tmp_path)
     prep = _prepare(config)
@@ -129,8 +129,8 @@ def test_launch_reports_config_error_with_exit_code_2(tmp_path):
 
 def _expected_frozen_digest(config: Path) -> str:
     """The frozen weights a fresh build gives (what every rank must still hold after training)."""
-    from epalm.engine import full_frozen_digest
     from epalm.model.epalm import build_model
+    from epalm.train.engine import full_frozen_digest
 
     cfg = load_config(config)
     torch.manual_seed(cfg.train.seed)
@@ -204,7 +204,8 @@ def test_zero2_crash_inside_checkpoint_write_resumes_from_previous(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_zero0_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path):
-    from epalm.trainer import EXIT_REQUEUE, STOPPED_MARKER
+    from epalm.exit_codes import REQUEUE as EXIT_REQUEUE
+    from epalm.run.layout import STOPPED as STOPPED_MARKER
 
     config = write_setup(
         tmp_path, max_steps=8, save_every=0

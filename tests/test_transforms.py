@@ -21,7 +21,7 @@ from epalm.data.transforms import (
     ImageTransform,
     random_resized_crop_params,
 )
-from tests.shard_fixtures import one_torch_thread, write_dataset
+from testing.shard_fixtures import one_torch_thread, write_dataset
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import yaml
 
 from epalm.distributed import free_port
-from tests.shard_fixtures import write_dataset
-from tests.support import cpu_child_env, fault_env, tiny_tree
+from testing.shard_fixtures import write_dataset
+from testing.support import cpu_child_env, fault_env, tiny_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -26,7 +26,7 @@ VENV_BIN = ROOT / ".venv" / "bin"
 
 def write_setup(tmp: Path, **train) -> Path:
     """Tokenizer + 2 shards of 16 image-QA samples + a config YAML; returns the config path."""
-    from epalm.tokenizer_trainer import save_tokenizer
+    from epalm.data.tokenizer_trainer import save_tokenizer
 
     tok = save_tokenizer(
         [f"what digit is {i}? seven one" for i in range(64)] * 4, tmp / "tok", vocab_size=300

@@ -18,6 +18,7 @@ from epalm.data.collate import BatchBuilder
 from epalm.data.resumable import DatasetPlan, ResumableLoader, eval_batches_per_rank
 from epalm.data.stream import UNSAFE_POLICIES, check_shards, load_manifest
 from epalm.data.transforms import Normalization
+from epalm.locations import shard_location
 
 __all__ = [
     "DatasetSpec",
@@ -103,7 +104,7 @@ def _plan(
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
     manifest, shards = load_manifest(spec.path, retries)
-    shards = replace(shards, cache_dir=cache_dir if sources.kind_of(spec.path) != "local" else None)
+    shards = replace(shards, cache_dir=cache_dir if shard_location(spec.path) != "local" else None)
     check_shards(
         shards, verify_checksums
     )  # before any model is built: a missing or truncated shard fails now

@@ -1,4 +1,4 @@
-"""Media decoding shared by the shard builder and `epalm.generate`: resized JPEGs, evenly sampled video
+"""Media decoding shared by the shard builder and `epalm.cli.generate`: resized JPEGs, evenly sampled video
 frames (PyAV), 16 kHz Kaldi log-mel fbanks (numpy; kaldi-native-fbank refuses 128 bins at 16 kHz and
 torchaudio has no build for our torch).
 

@@ -23,6 +23,8 @@ from urllib.parse import quote, urlparse
 
 from webdataset.cache import FileCache
 
+from epalm.locations import shard_location
+
 # the module: the package's `webdataset.gopen` attribute is the function of the same name
 wds_gopen = importlib.import_module("webdataset.gopen")
 log = logging.getLogger(__name__)
@@ -39,17 +41,6 @@ class ShardReadError(OSError):
         self.url, self.index, self.cause = url, index, cause
 
 
-def kind_of(base: str) -> str:
-    if base.startswith("pipe:"):
-        return "pipe"
-    scheme = urlparse(base).scheme
-    if scheme in ("http", "https"):
-        return "http"
-    if scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
-        return "local"
-    return "fsspec"
-
-
 def check_name(name: str, where: str) -> str:
     """Shard names come from an untrusted manifest: no `..`, no shell or URL metacharacters."""
     if not NAME_RE.match(name) or ".." in name.split("/"):
@@ -59,7 +50,7 @@ def check_name(name: str, where: str) -> str:
 
 def member_url(base: str, name: str) -> str:
     """The URL (or path, or pipe: command) of file `name` of the shard set at `base`."""
-    kind = kind_of(base)
+    kind = shard_location(base)
     if kind == "local":
         return str(Path(re.sub(r"^file://", "", base)) / name)
     if kind == "pipe":
@@ -87,7 +78,7 @@ def _register_fsspec(scheme: str) -> None:
 
 def gopen_url(url: str) -> str:
     """What `webdataset.gopen` is given for `url`: HTTP as a `pipe:curl` with no retries of its own."""
-    kind = kind_of(url)
+    kind = shard_location(url)
     if kind == "http":
         return "pipe:curl -f -s -S -L --connect-timeout 30 " + shlex.quote(url)
     if kind == "fsspec":
@@ -121,7 +112,7 @@ def read_bytes(url: str, retries: int = 0) -> bytes:
         close_stream(stream, ok=True)
         return data
 
-    if kind_of(url) == "local":
+    if shard_location(url) == "local":
         return attempt()
     return with_retries(attempt, retries, url)
 
@@ -169,5 +160,5 @@ class ShardCache:
 
 def display_name(base: str) -> str:
     """A short name for a shard set: the last path component (of a pipe: template, the one before {name})."""
-    text = base.replace(PLACEHOLDER, "").rstrip("/ -") if kind_of(base) == "pipe" else base.rstrip("/")
+    text = base.replace(PLACEHOLDER, "").rstrip("/ -") if shard_location(base) == "pipe" else base.rstrip("/")
     return re.split(r"[/\s]", text)[-1] or text

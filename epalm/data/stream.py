@@ -26,6 +26,7 @@ from webdataset.tariterators import tar_file_iterator
 from epalm.data import schema, sources
 from epalm.data.sources import ShardCache, ShardReadError
 from epalm.digest import file_sha256
+from epalm.locations import shard_location
 
 log = logging.getLogger(__name__)
 UNSAFE_POLICIES = ("error", "skip")
@@ -70,7 +71,7 @@ def load_manifest(root: str | os.PathLike, retries: int = 3) -> tuple[dict, Shar
     """Read `<root>/manifest.json` (any kind of path) and check that its shard counts add up to `num_samples`."""
     root = str(root)
     url = sources.member_url(root, schema.MANIFEST)
-    if sources.kind_of(root) == "local" and not os.path.isfile(url):
+    if shard_location(root) == "local" and not os.path.isfile(url):
         raise FileNotFoundError(f"no {schema.MANIFEST} in {root}")
     try:
         text = sources.read_bytes(url, retries)
@@ -98,7 +99,7 @@ def check_shards(shards: ShardList, verify_checksums: bool = False) -> None:
 
     Local and fsspec shards are checked; http(s) and pipe: shards are checked while they are read.
     """
-    kind = sources.kind_of(shards.root)
+    kind = shard_location(shards.root)
     if kind not in ("local", "fsspec"):
         return
     problems = []
@@ -318,7 +319,7 @@ def iter_shard(
     A failed read is retried from the first sample not yet handed out; ShardReadError after the last try.
     """
     url = shards.url(shard)
-    local = sources.kind_of(shards.root) == "local"
+    local = shard_location(shards.root) == "local"
     retries = 0 if local else shards.retries
     done, tries = first, 0
     while True:

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import DynamicCache, OPTForCausalLM
 from transformers.utils import ModelOutput
 
+from epalm.data.text import IGNORE_INDEX
 from epalm.model.connector import Connector
 from epalm.model.encoders import FrozenEncoder, build_encoder
 from epalm.model.injection import injected_forward, layer_to_state, schedule_problems
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
     from epalm.config import ModelConfig
 
 TRAINABLE_MODULES = ("connector", "prompt")
-
-IGNORE_INDEX = -100  # labels the loss skips: torch's cross_entropy default, what epalm.data.text writes
 
 
 @dataclass

@@ -11,7 +11,7 @@ import csv
 import json
 from pathlib import Path
 
-from epalm.tokenizer_trainer import save_tokenizer
+from epalm.data.tokenizer_trainer import save_tokenizer
 
 
 def train_texts(raw: Path) -> list[str]:

@@ -1,11 +1,11 @@
 """Test-only fault injection for training and extraction subprocesses; the library and the tools know nothing of it.
 
-A test puts this directory first on PYTHONPATH and sets EPALM_FAULT=kind:step[:rank] (tests.support.fault_env);
+A test puts this directory first on PYTHONPATH and sets EPALM_FAULT=kind:step[:rank] (testing.support.fault_env);
 Python imports `sitecustomize` at start-up, and this one patches modules as they load:
-  epalm.trainer
+  epalm.train.trainer
     kill_after_step:N              SIGKILL right after optimizer step N
     sigterm_at_step:N              SIGTERM to itself right after step N (the trainer checkpoints and exits 75)
-  epalm.checkpoint
+  epalm.run.checkpoint
     kill_in_save:N                 SIGKILL in the middle of step N's checkpoint (after DeepSpeed's files)
   data_shards.writer, only under `python -m data_shards.extract` (a module run as __main__ is not imported, so
   extract's own functions cannot be patched; the tar writer it calls can); N counts the tars this process writes:
@@ -93,8 +93,8 @@ def _patch_writer(module) -> None:
 
 
 _PATCHES = {
-    "epalm.trainer": _patch_trainer,
-    "epalm.checkpoint": _patch_checkpoint,
+    "epalm.train.trainer": _patch_trainer,
+    "epalm.run.checkpoint": _patch_checkpoint,
     "data_shards.writer": _patch_writer,
 }
 

@@ -45,7 +45,7 @@ def model_tree(dry_run: bool) -> tuple[dict, int, int]:
     model["lm"]["pretrained"] = False
     model["encoder"]["pretrained"] = False
     if dry_run:
-        from tests.support import TINY_LM
+        from testing.support import TINY_LM
 
         model["lm"]["config_overrides"] = dict(TINY_LM)
         model["adapter"].update(start_layer=1, end_layer=5, prompt_tokens=3)

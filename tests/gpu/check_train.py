@@ -1,10 +1,10 @@
 """GPU check of training at full size: eP-ALM pt-L (OPT-6.7B + ViT-L/16, launch/configs/image/vqa_v2_pt_L.yaml)
 with random weights built on the GPU (ZeRO-0/2) or under `deepspeed.zero.Init` (ZeRO-3), never on the host.
 
-One process, one engine after another through `epalm.engine.build_engine`: bf16 at ZeRO-0/2/3 x micro-batch
+One process, one engine after another through `epalm.train.engine.build_engine`: bf16 at ZeRO-0/2/3 x micro-batch
 16/64, ZeRO-3 with quantized frozen weights (`zero_quantized_nontrainable_weights`), and one fp16 step.
 Per measurement: samples/s, MFU against 989 TFLOP/s dense bf16, peak memory, and the memory planner's figure
-(epalm/memory_plan.py). One summary line each; everything in OUT/gpu_train.json. A measurement that fails
+(epalm/train/memory_plan.py). One summary line each; everything in OUT/gpu_train.json. A measurement that fails
 (out of memory, an op that cannot build) is recorded with its error and the others still run.
 
 `--dry-run`: the same code path on CPU with a tiny OPT/ViT (CI runs it through tests/gpu/run.sh --dry-run).
@@ -81,7 +81,7 @@ def build_cfg(dry_run: bool, micro: int, world: int, steps: int):
 
 
 def ds_config_for(stage: int, extra: dict) -> dict:
-    from epalm.ds_config import load_ds_config
+    from epalm.train.ds_config import load_ds_config
 
     base = load_ds_config(ROOT / "ds_configs" / f"zero{stage}.json")
     base["zero_optimization"] = {**base.get("zero_optimization", {}), **extra}
@@ -105,11 +105,11 @@ def flops_per_sample(model, text_tokens: int) -> tuple[float, int, int]:
 
 
 def build_on_device(stage: int, ds_config: dict, device):
-    """epalm.engine.build_model, but random weights made where they will live: under zero.Init for ZeRO-3
+    """epalm.train.engine.build_model, but random weights made where they will live: under zero.Init for ZeRO-3
     (each rank initialises and keeps its partition), else straight on `device`."""
     import deepspeed
 
-    import epalm.engine as engine_mod
+    import epalm.train.engine as engine_mod
 
     original = engine_mod.build_model
 
@@ -133,10 +133,10 @@ def build_on_device(stage: int, ds_config: dict, device):
 def measure(args, name: str, stage: int, precision: str, micro: int, extra: dict, steps: int | None, info):
     import torch
 
-    import epalm.engine as engine_mod
-    from epalm.ds_config import build_ds_config
-    from epalm.engine import build_engine
-    from epalm.memory_plan import plan_memory
+    import epalm.train.engine as engine_mod
+    from epalm.train.ds_config import build_ds_config
+    from epalm.train.engine import build_engine
+    from epalm.train.memory_plan import plan_memory
 
     cuda = torch.cuda.is_available()
     steps = steps or args.steps
@@ -244,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and name not in args.only:
             continue
         if precision == "fp16" and not cuda:
-            results.append({"name": name, "skipped": "fp16 needs CUDA (epalm.engine refuses it on CPU)"})
+            results.append(
+                {"name": name, "skipped": "fp16 needs CUDA (epalm.train.engine refuses it on CPU)"}
+            )
             print(f"RESULT {name}: SKIPPED on CPU (fp16 needs CUDA)", flush=True)
             continue
         try:

@@ -1,23 +1,18 @@
 """A run directory's `report.md`: best/last/test metrics next to the paper's numbers where the setting
-matches, and PNG plots of the training loss and the eval metric, all read from the run's own files.
-
-    python -m epalm.report RUN_DIR [--config-name vqa_v2_pt_L]
-"""
+matches, and PNG plots of the training loss and the eval metric, all read from the run's own files
+(`python -m epalm.cli.report RUN_DIR` writes it again for any run directory)."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from epalm.evaluate import METRIC_ORDER
+from epalm.evaluation.tasks import METRIC_ORDER
+from epalm.run import layout
 
-METRICS_FILE = "metrics.jsonl"  # epalm.train_metrics.METRICS_FILE; not imported, it pulls in torch
-REPORT_FILE, LOSS_PNG, METRIC_PNG = "report.md", "loss.png", "eval_metric.png"
 REFERENCE = "the eP-ALM paper (arXiv:2303.11403) and its README (github.com/mshukor/eP-ALM)"
 
 
@@ -146,11 +141,11 @@ def _results_table(
 def write_report(run_dir: str | Path, config_name: str | None = None) -> Path:
     """Write `run_dir/report.md` (+ loss.png, eval_metric.png) from the run's files; returns its path."""
     run = Path(run_dir)
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    cfg = yaml.safe_load((run / layout.CONFIG).read_text()) if (run / layout.CONFIG).is_file() else {}
     name = config_name or Path(cfg.get("run_dir") or run).name
-    records = read_jsonl(run / METRICS_FILE)
-    best, summary = _read_json(run / "best.json"), _read_json(run / "summary.json") or {}
-    scores = _read_json(run / "eval" / "scores.json") or {}
+    records = read_jsonl(run / layout.METRICS)
+    best, summary = _read_json(run / layout.BEST_RECORD), _read_json(run / layout.SUMMARY) or {}
+    scores = _read_json(run / layout.EVAL / layout.SCORES) or {}
     test = {k.split("/", 1)[1]: v for k, v in (scores.get("headline") or {}).items()}
     metrics = eval_metrics(records)
     paper = PAPER.get(name, [])
@@ -197,34 +192,18 @@ def write_report(run_dir: str | Path, config_name: str | None = None) -> Path:
         val_steps, val_loss = series(records, "val/loss")
         if val_steps:
             curves["val loss"] = (val_steps, val_loss)
-        plot(run / LOSS_PNG, curves, "loss", f"{name}: loss")
-        lines.append(f"![loss]({LOSS_PNG})")
+        plot(run / layout.LOSS_PNG, curves, "loss", f"{name}: loss")
+        lines.append(f"![loss]({layout.LOSS_PNG})")
     if metrics:
         plot(
-            run / METRIC_PNG,
+            run / layout.METRIC_PNG,
             {f"val/{metrics[0]}": series(records, f"val/{metrics[0]}")},
             metrics[0],
             f"{name}: {metrics[0]} on val",
         )
-        lines.append(f"![{metrics[0]}]({METRIC_PNG})")
+        lines.append(f"![{metrics[0]}]({layout.METRIC_PNG})")
     if not steps and not metrics:
-        lines.append(f"No `{METRICS_FILE}` records.")
-    out = run / REPORT_FILE
+        lines.append(f"No `{layout.METRICS}` records.")
+    out = run / layout.REPORT
     out.write_text("\n".join(lines) + "\n")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m epalm.report", description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--config-name", help="paper-table key (default: the run_dir name in config.yaml)")
-    args = p.parse_args(argv)
-    if not args.run_dir.is_dir():
-        print(f"error: {args.run_dir} is not a directory", file=sys.stderr)
-        return 2
-    print(write_report(args.run_dir, args.config_name))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from epalm.distributed import free_port  # noqa: F401  (free_port: used by the tests)
-from tests.support import cpu_child_env
+from testing.support import cpu_child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"

@@ -1,9 +1,9 @@
 """Answer a question about (or caption) one image, video or audio file with a trained adapter:
 
-    python -m epalm.generate --adapter DIR --image cat.jpg [--question "what is this?"]
-    python -m epalm.generate --adapter DIR --video clip.mp4 --question "what happens?"
-    python -m epalm.generate --adapter DIR --audio sound.wav
-    python -m epalm.generate --adapter DIR --image cat.jpg --do-sample --top-k 50 --seed 1   # as the original's v1
+    python -m epalm.cli.generate --adapter DIR --image cat.jpg [--question "what is this?"]
+    python -m epalm.cli.generate --adapter DIR --video clip.mp4 --question "what happens?"
+    python -m epalm.cli.generate --adapter DIR --audio sound.wav
+    python -m epalm.cli.generate --adapter DIR --image cat.jpg --do-sample --top-k 50 --seed 1   # as the original's v1
 
 Media go through the same code as shard building and evaluation, so the model sees what it saw in eval.
 """
@@ -17,33 +17,9 @@ from pathlib import Path
 
 import torch
 
-from epalm.config import Config
-
-
-def load_media(
-    cfg: Config, image: Path | None = None, video: Path | None = None, audio: Path | None = None
-) -> torch.Tensor:
-    """A batch of one: image (1, 3, S, S), video (1, T, 3, S, S) or audio fbank (1, 1024, 128).
-
-    Images and frames are first stored as the shard builder stores them (shorter side resized, JPEG),
-    then given the eval transform; video frames are the centres of `data.num_frames` equal segments (PyAV).
-    """
-    from epalm.data.collate import decode_image
-    from epalm.data.media import audio_fbank, encode_image, extract_frames
-    from epalm.data.transforms import AudioTransform, ImageTransform
-
-    size = cfg.data.image_size
-    if audio is not None:
-        return AudioTransform(train=False)(torch.from_numpy(audio_fbank(audio).astype("float32")))[None]
-    transform = ImageTransform(size, train=False, normalization=cfg.data.normalization)
-    if image is not None:
-        return transform(decode_image(encode_image(image, size)))[None]
-    frames = extract_frames(video, cfg.data.num_frames, size)
-    return transform(torch.stack([decode_image(f) for f in frames]))[None]
-
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m epalm.generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m epalm.cli.generate", description=__doc__.split("\n")[0])
     p.add_argument(
         "--adapter", required=True, type=Path, help="adapter export dir (adapter.safetensors + config.yaml)"
     )
@@ -74,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from epalm.config import ENCODER_MODALITY
     from epalm.data.media import SkipSample
+    from epalm.data.media_input import load_media
     from epalm.data.text import format_caption, format_qa, tokenize
-    from epalm.decoding import decode_generated, generate
-    from epalm.evaluate import load_eval_model
+    from epalm.evaluation.decoding import decode_generated, generate
+    from epalm.evaluation.predict import load_eval_model
 
     path = args.image or args.video or args.audio
     if not path.is_file():

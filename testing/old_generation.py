@@ -1,4 +1,4 @@
-"""The beam search and greedy decoding as they were before decoding moved onto the device (epalm/decoding.py,
+"""The beam search and greedy decoding as they were before decoding moved onto the device (epalm/evaluation/decoding.py,
 named epalm/generation.py at commit c575083), kept only as the baseline of `bench.generation` and the
 reference of tests/test_generation.py.
 

@@ -18,10 +18,10 @@ from epalm.data import schema
 from epalm.data.loader import DatasetSpec, ResumableLoader, build_train_loader, io_options
 from epalm.data.text import build_tokenizer
 from epalm.distributed import DistInfo
-from epalm.ds_config import build_ds_config
-from epalm.eval_hook import GenerationEval, build_generation_eval
-from epalm.optimizer import choose_optimizer
-from epalm.resume import agreed_resume
+from epalm.evaluation.hook import GenerationEval, build_generation_eval
+from epalm.run.resume import agreed_resume
+from epalm.train.ds_config import build_ds_config
+from epalm.train.optimizer import choose_optimizer
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""`python -m epalm.describe CONFIG [key=value ...]`: build the model on the meta device (offline, no memory)
+"""`python -m epalm.cli.describe CONFIG [key=value ...]`: build the model on the meta device (offline, no memory)
 and print one line per component, frozen or trainable, with its parameter count; last line exactly
 `trainable=<int> total=<int> ratio=<percent>%`. With `--gpus N --zero S [--micro-batch B]` it prints the
-per-GPU memory plan (epalm/memory_plan.py) instead, ending with
+per-GPU memory plan (epalm/train/memory_plan.py) instead, ending with
 `frozen_bytes_per_gpu=<int> trainable_bytes_per_gpu=<int> activation_bytes_per_gpu=<int>`.
 """
 
@@ -11,9 +11,9 @@ import argparse
 
 from torch import nn
 
-from epalm.memory_plan import MemoryPlan, plan_memory
 from epalm.model.epalm import EPALM, build_model
 from epalm.preflight import load_run_config
+from epalm.train.memory_plan import MemoryPlan, plan_memory
 
 
 def _count(module: nn.Module | None) -> int:

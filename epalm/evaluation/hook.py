@@ -3,7 +3,7 @@ adapter kept in `run_dir/best/`), and the final evaluation on `data.test` after 
 zero-shot COCO numbers of a CC3M-pretrained adapter). Every function here runs on every rank.
 
 It sees the run only through an `EvalContext`, never the trainer; generation, references, scoring and the
-output files are `epalm.evaluate`'s, shared with `eval.run`.
+output files are `epalm.evaluation.predict` and `epalm.evaluation.scoring`'s, shared with `eval.run`.
 """
 
 from __future__ import annotations
@@ -18,30 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from epalm import checkpoint as ckpt
 from epalm.atomic import write_text_atomic
 from epalm.config import Config
 from epalm.data.loader import DatasetSpec, ResumableLoader, build_eval_loader, io_options
 from epalm.data.resumable import eval_batches_per_rank
 from epalm.data.stream import load_manifest
-from epalm.distributed import DistInfo
-from epalm.evaluate import (
-    PRIMARY,
-    Scored,
-    gather_predictions,
-    headline,
-    predict,
-    score_split,
-    task_for,
-    write_outputs,
-)
-from epalm.references import load_shard_metas
+from epalm.distributed import DistInfo, broadcast_from_rank0
+from epalm.evaluation.predict import gather_predictions, predict
+from epalm.evaluation.references import load_shard_metas
+from epalm.evaluation.scoring import Scored, score_split, write_outputs
+from epalm.evaluation.tasks import PRIMARY, headline, task_for
+from epalm.run.adapter import save_adapter
+from epalm.run.layout import BEST, BEST_RECORD, EVAL
 
 log = logging.getLogger(__name__)
-
-BEST_DIR, BEST_FILE, EVAL_DIR = "best", "best.json", "eval"
 
 
 @dataclass
@@ -63,7 +54,7 @@ class EvalContext:
 
 
 def eval_task(cfg: Config, metas: list[dict] | None = None) -> str:
-    """The `epalm.evaluate.TASKS` entry for a training config: official VQA v2 only with 10 raw answers."""
+    """The `epalm.evaluation.tasks.TASKS` entry for a training config: official VQA v2 only with 10 raw answers."""
     return task_for(cfg.data.task, cfg.data.modality, metas)
 
 
@@ -92,14 +83,14 @@ class BestTracker:
 
 
 def load_best(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / BEST_FILE
+    path = Path(run_dir) / BEST_RECORD
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def save_best(run_dir: str | Path, best: BestTracker, extra: dict | None = None) -> None:
     """Atomic write of best.json (after the adapter export, so it never names a missing one)."""
-    record = {**best.state_dict(), "adapter": BEST_DIR, **(extra or {})}
-    write_text_atomic(Path(run_dir) / BEST_FILE, json.dumps(record, indent=1))
+    record = {**best.state_dict(), "adapter": BEST, **(extra or {})}
+    write_text_atomic(Path(run_dir) / BEST_RECORD, json.dumps(record, indent=1))
 
 
 class _FirstBatches:
@@ -193,13 +184,6 @@ def predict_and_score(ctx: EvalContext, es: EvalSplit) -> Scored | None:
     )
 
 
-def _broadcast(obj: Any) -> Any:
-    box = [obj]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class GenerationEval:
     """The eval hook: the task metric on `data.val`, best adapter kept by it; the final test evaluation.
 
@@ -222,17 +206,17 @@ class GenerationEval:
             metrics = {f"val/{k}": v for k, v in headline(metric, scored.scores).items()}
         elif ctx.main:
             log.warning("%s has no ground truth: no generation metric, no best checkpoint", self.val.path)
-        metrics, metric = _broadcast((metrics, metric))
+        metrics, metric = broadcast_from_rank0((metrics, metric))
         if metric is None:
             return metrics
         primary = PRIMARY[metric]
         if self.best.update(primary, metrics[f"val/{primary}"], step):
             adapter = ctx.gather_adapter()  # collective under ZeRO-3: every rank takes part
             if ctx.main:
-                ckpt.save_adapter(adapter, ctx.cfg, ctx.run_dir / BEST_DIR)
+                save_adapter(adapter, ctx.cfg, ctx.run_dir / BEST)
                 extra = {"split": self.val.split, "num_samples": self.val.num_samples}
                 save_best(ctx.run_dir, self.best, extra | {"metrics": metrics})
-                log.info("step %d: new best %s %.4f -> %s", step, primary, self.best.value, BEST_DIR)
+                log.info("step %d: new best %s %.4f -> %s", step, primary, self.best.value, BEST)
         return metrics
 
     def state_dict(self) -> dict:
@@ -249,7 +233,7 @@ class GenerationEval:
         """Evaluate on `data.test` and write predictions, references and scores to `run_dir/eval/`."""
         if self.test is None:
             return {}
-        return evaluate_to_dir(ctx, self.test, ctx.run_dir / EVAL_DIR, "test", step)
+        return evaluate_to_dir(ctx, self.test, ctx.run_dir / EVAL, "test", step)
 
 
 def evaluate_to_dir(ctx: EvalContext, es: EvalSplit, out: Path, prefix: str, step: int) -> dict[str, float]:
@@ -266,7 +250,7 @@ def evaluate_to_dir(ctx: EvalContext, es: EvalSplit, out: Path, prefix: str, ste
         }
         summary = write_outputs(scored, out, settings, headline_prefix=f"{prefix}/")
         metrics = summary.get("headline", {})
-    return _broadcast(metrics)
+    return broadcast_from_rank0(metrics)
 
 
 def build_generation_eval(cfg: Config, tokenizer: Any, info: DistInfo) -> GenerationEval | None:

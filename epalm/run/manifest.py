@@ -11,9 +11,8 @@ import zipfile
 from pathlib import Path
 
 from epalm.digest import file_sha256
-
-MANIFEST = "checkpoint_manifest.json"
-TRAINER_STATE = "trainer_state.json"
+from epalm.run.layout import CHECKPOINT_MANIFEST as MANIFEST
+from epalm.run.layout import TRAINER_STATE
 
 
 def _files(step_dir: Path) -> list[Path]:

@@ -12,7 +12,7 @@ import tarfile
 from pathlib import Path
 
 from epalm.data import schema
-from tests.shard_fixtures import add_member, jpeg_bytes
+from testing.shard_fixtures import add_member, jpeg_bytes
 
 WORDS = [
     "what",

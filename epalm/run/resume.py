@@ -6,22 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
-from epalm.checkpoint_manifest import verify_checkpoint
 from epalm.config import ConfigError
 from epalm.distributed import DistInfo, broadcast_from_rank0
+from epalm.run.layout import CHECKPOINTS, LATEST, SET_ASIDE, TAG, TRAINER_STATE, tag_for
+from epalm.run.manifest import verify_checkpoint
 
 log = logging.getLogger(__name__)
-
-LATEST = "latest"  # a file holding the tag of the newest complete checkpoint (same format as DeepSpeed's)
-SET_ASIDE = "set_aside"  # newer steps of an abandoned line (bad ones, or past an explicit --resume)
-TAG = re.compile(r"^step_(\d{8,})$")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def committed_steps(root: Path) -> list[Path]:
@@ -69,12 +61,12 @@ def resolve_resume(resume: str | None, run_dir: str | Path, make_head: bool = Fa
         return None
     run_dir = Path(run_dir)
     if resume == "auto":
-        path = _newest_verified(run_dir / "checkpoints", missing_ok=True)
+        path = _newest_verified(run_dir / CHECKPOINTS, missing_ok=True)
     else:
         path = Path(resume)
         if resume.isdigit() and not path.exists():
-            path = run_dir / "checkpoints" / tag_for(int(resume))
-        if TAG.match(path.name) or (path / "trainer_state.json").exists():
+            path = run_dir / CHECKPOINTS / tag_for(int(resume))
+        if TAG.match(path.name) or (path / TRAINER_STATE).exists():
             problems = verify_checkpoint(path)
             if problems:
                 raise ConfigError([f"--resume {resume}: {p}" for p in problems])
@@ -82,12 +74,7 @@ def resolve_resume(resume: str | None, run_dir: str | Path, make_head: bool = Fa
             path = _newest_verified(path, missing_ok=False)
         else:
             raise ConfigError([f"--resume {resume}: neither a checkpoint nor a directory with '{LATEST}'"])
-    if (
-        make_head
-        and path is not None
-        and TAG.match(path.name)
-        and _same(path.parent, run_dir / "checkpoints")
-    ):
+    if make_head and path is not None and TAG.match(path.name) and _same(path.parent, run_dir / CHECKPOINTS):
         make_line_head(path)  # (a checkpoint of another run directory is only read)
     return path
 

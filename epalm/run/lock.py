@@ -19,8 +19,8 @@ from pathlib import Path
 
 from epalm.config import ConfigError
 from epalm.distributed import DistInfo, broadcast_from_rank0
+from epalm.run.layout import LOCK as LOCK_FILE
 
-LOCK_FILE = "run.lock"
 DISABLE = "EPALM_RUN_LOCK"  # =0: train without the lock (filesystems without flock); nothing then guards
 
 

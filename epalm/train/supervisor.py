@@ -18,15 +18,15 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from epalm.exit_codes import REQUEUE as EXIT_REQUEUE
+
 log = logging.getLogger(__name__)
 
 SUPERVISOR_DIR = "EPALM_SUPERVISOR_DIR"
-EXIT_REQUEUE = 75  # as epalm.trainer
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _early_stop = False
 
@@ -148,14 +148,3 @@ def supervise(cmd: list[str], poll_s: float = 0.2) -> int:
     if len(same) == 1 and None not in same:
         return same.pop()  # every rank ended alike (e.g. 2): say so, whatever the launcher made of it
     return child_code if child_code >= 0 else 128 - child_code
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.split("\n\n")[0] + "\n\nusage: python launch/supervise.py LAUNCHER [ARGS ...]")
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return supervise(argv)

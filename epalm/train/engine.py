@@ -17,9 +17,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from epalm.config import Config
 from epalm.digest import add_tensor
-from epalm.ds_config import CONFIG_DTYPES, precision_of, zero_stage
 from epalm.model.epalm import EPALM, build_model
-from epalm.optimizer import build_optimizer, build_scheduler, choose_optimizer, param_groups
+from epalm.train.ds_config import CONFIG_DTYPES, precision_of, zero_stage
+from epalm.train.optimizer import build_optimizer, build_scheduler, choose_optimizer, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def build_engine(cfg: Config, ds_config: dict, total_steps: int, with_encoder: b
     torch.manual_seed(cfg.train.seed)  # equal random weights on every rank (random LMs, adapter init)
     model = build_model(model_cfg.model, with_encoder=with_encoder)
     if cfg.train.init_adapter:
-        from epalm.checkpoint import load_adapter
+        from epalm.run.adapter import load_adapter
 
         init_state, _ = load_adapter(cfg.train.init_adapter)
         model.load_adapter_state_dict(init_state)

@@ -9,13 +9,7 @@ from typing import Any
 
 from epalm.data import schema
 from epalm.data.stream import iter_range, load_manifest
-
-MEDIA_ID = {"image": "image_id", "video": "video_id", "audio": "audio_id"}
-
-
-def media_id(meta: dict, modality: str) -> Any:
-    """The media's own id (COCO `image_id`, MSR-VTT `video_id`, AudioCaps `audio_id`), else the sample id."""
-    return meta.get(MEDIA_ID[modality], meta["id"])
+from epalm.evaluation.tasks import media_id
 
 
 def load_shard_metas(shard_dir: str | Path) -> tuple[dict, list[dict]]:
@@ -30,7 +24,7 @@ def load_shard_metas(shard_dir: str | Path) -> tuple[dict, list[dict]]:
 
 
 def _vqa_files(metas: list[dict], split: str) -> dict[str, Any]:
-    info = {"description": "built by epalm.evaluate from shard metadata", "split": split}
+    info = {"description": "built by epalm.evaluation.references from shard metadata", "split": split}
     common = {"data_type": "mscoco", "data_subtype": split, "info": info, "license": {}}
     questions = [
         {"question_id": m["question_id"], "image_id": m.get("image_id"), "question": m["question"]}

@@ -7,12 +7,11 @@ Their files hold only the connector and the prompt (docs/model.md), under the ke
 possibly nested under "model" and prefixed by "module." (DDP). Frozen LM/encoder keys, if present, are
 ignored. `.pth` files are read with `torch.load(weights_only=True)`: nothing is unpickled.
 
-    python -m epalm.official --checkpoint checkpoint_best.pth --config launch/configs/image/vqa_v2.yaml --out DIR
+`python -m epalm.cli.official` converts a release into an adapter export directory.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
@@ -67,29 +66,3 @@ def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
                 "state dict, e.g. torch.save(ckpt['model'], 'adapter.pth'), on a machine you trust."
             ) from e
     return convert_official_state_dict(state)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--config", required=True, help="the YAML of the matching setting")
-    parser.add_argument("--out", required=True, help="directory for the adapter export")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-
-    from epalm.checkpoint import save_adapter
-    from epalm.model.epalm import build_model
-    from epalm.preflight import load_run_config
-
-    cfg = load_run_config(args.config, args.overrides, paths=False)
-    model = build_model(cfg.model, device="meta")
-    state = load_official_checkpoint(args.checkpoint)
-    problems = model.adapter_state_problems(state)
-    if problems:
-        raise SystemExit(f"checkpoint does not match {args.config}: {problems}")
-    save_adapter(state, cfg, args.out)
-    print(f"wrote {args.out} ({sum(v.numel() for v in state.values())} parameters)")
-
-
-if __name__ == "__main__":
-    main()

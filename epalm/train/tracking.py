@@ -13,8 +13,7 @@ import torch
 import torch.distributed as dist
 
 from epalm.atomic import write_text_atomic
-
-METRICS_FILE = "metrics.jsonl"
+from epalm.run.layout import METRICS, TENSORBOARD
 
 
 @dataclass
@@ -96,9 +95,9 @@ class MetricWriter:
         from tqdm import tqdm
 
         # rows and events past the resumed step belong to the lost progress: drop them, or they repeat
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
-        truncate_metrics(run_dir / METRICS_FILE, start_step)
-        self.jsonl = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 (open for the run's lifetime)
+        self.tb = SummaryWriter(str(run_dir / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
+        truncate_metrics(run_dir / METRICS, start_step)
+        self.jsonl = open(run_dir / METRICS, "a")  # noqa: SIM115 (open for the run's lifetime)
         self.bar = tqdm(
             total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0
         )

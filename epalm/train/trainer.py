@@ -1,9 +1,9 @@
 """The one training loop: step-based, with logging, validation loss, checkpoints, exact resume and signal handling.
 
-`epalm.train_setup` checks everything that can be checked before a model is built; `Trainer.fit` runs the
+`epalm.train.setup` checks everything that can be checked before a model is built; `Trainer.fit` runs the
 steps. Generation metrics, the best adapter and the final test evaluation are the evaluation hook's
-(`epalm.eval_hook`), which sees the run through an `EvalContext` only.
-A SIGTERM or SIGUSR1 on any rank stops every rank after the current step with a checkpoint and EXIT_REQUEUE.
+(`epalm.evaluation.hook`), which sees the run through an `EvalContext` only.
+A SIGTERM or SIGUSR1 on any rank stops every rank after the current step with a checkpoint and exit_codes.REQUEUE.
 """
 
 from __future__ import annotations
@@ -17,23 +17,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from epalm import checkpoint as ckpt
+from epalm import exit_codes
 from epalm.config import save_config
 from epalm.data import schema
 from epalm.digest import state_digest
-from epalm.engine import Engine, build_engine, frozen_checksum, full_frozen_digest, gather_adapter_state
-from epalm.eval_hook import EvalContext
-from epalm.resume import tag_for
-from epalm.supervisor import stop_requested_early
-from epalm.train_metrics import MetricWriter, Window
-from epalm.train_setup import TrainSetup
+from epalm.evaluation.hook import EvalContext
+from epalm.run import checkpoint as ckpt
+from epalm.run import layout
+from epalm.run.adapter import save_adapter
+from epalm.train.engine import Engine, build_engine, frozen_checksum, full_frozen_digest, gather_adapter_state
+from epalm.train.setup import TrainSetup
+from epalm.train.supervisor import stop_requested_early
+from epalm.train.tracking import MetricWriter, Window
 
 log = logging.getLogger(__name__)
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue and --resume auto
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 VAL_MAX_BATCHES = 100  # per rank and evaluation: a validation loss estimate, not a full pass
-STOPPED_MARKER = "stopped_by_signal.json"  # for launchers that do not pass the exit code on (torchrun)
 
 
 class Trainer:
@@ -47,7 +47,7 @@ class Trainer:
         self._stop = False
         self._iter = None
         self.device = self.ds.device
-        self.ckpt_root = setup.run_dir / "checkpoints"
+        self.ckpt_root = setup.run_dir / layout.CHECKPOINTS
         self.evaluation = setup.evaluation
         self.eval_ctx = EvalContext(
             model=engine.model,
@@ -67,9 +67,9 @@ class Trainer:
         p = self.setup
         if self.main:
             p.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, p.run_dir / "config.yaml")
-            (p.run_dir / "ds_config.json").write_text(json.dumps(p.ds_config, indent=1))
-            (p.run_dir / STOPPED_MARKER).unlink(missing_ok=True)
+            save_config(self.cfg, p.run_dir / layout.CONFIG)
+            (p.run_dir / layout.DS_CONFIG).write_text(json.dumps(p.ds_config, indent=1))
+            (p.run_dir / layout.STOPPED).unlink(missing_ok=True)
         self.frozen_start = frozen_checksum(self.engine.model)
         if p.resume_from is not None:
             state = ckpt.load_training_state(self.ds, p.resume_from, rank=self.rank)
@@ -91,7 +91,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> int:
-        """Train to total_steps; return 0, or EXIT_REQUEUE after a signal-triggered checkpoint."""
+        """Train to total_steps; return 0, or exit_codes.REQUEUE after a signal-triggered checkpoint."""
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         self._stop = self._stop or stop_requested_early()  # a signal during the model build counts too
         try:
@@ -104,7 +104,7 @@ class Trainer:
                     self.save()
                     self._write_marker()
                     self._finish(stopped=True)
-                    return EXIT_REQUEUE
+                    return exit_codes.REQUEUE
                 self._train_step(window)
                 self.step += 1
                 self.metrics.advance(self.step)
@@ -186,8 +186,8 @@ class Trainer:
 
     def _write_marker(self) -> None:
         if self.main:
-            marker = {"step": self.step, "exit_code": EXIT_REQUEUE, "resume": "--resume auto"}
-            (self.setup.run_dir / STOPPED_MARKER).write_text(json.dumps(marker))
+            marker = {"step": self.step, "exit_code": exit_codes.REQUEUE, "resume": "--resume auto"}
+            (self.setup.run_dir / layout.STOPPED).write_text(json.dumps(marker))
 
     # ------------------------------------------------------------------ evaluation and checkpoints
 
@@ -216,7 +216,7 @@ class Trainer:
 
     def save(self) -> Path:
         if self.step == self._saved_step:  # nothing changed since (a signal right after a save or resume)
-            return self.ckpt_root / tag_for(self.step)
+            return self.ckpt_root / layout.tag_for(self.step)
         checksum = frozen_checksum(self.engine.model)
         if checksum != self.frozen_start:
             raise RuntimeError(f"step {self.step}: frozen weights changed during training")
@@ -249,7 +249,7 @@ class Trainer:
             self.ds.eval()
             self.metrics.log_eval(self.step, self.evaluation.final(self.eval_ctx, self.step))
         if self.main:
-            from epalm.report import write_report
+            from epalm.evaluation.report import write_report
 
             try:  # a plotting problem must not turn a finished run into a failed job
                 log.info("report: %s", write_report(self.setup.run_dir))
@@ -265,7 +265,7 @@ class Trainer:
         dist.all_gather_object(frozen_full, full_frozen_digest(self.engine.model))
         if self.main:
             if not stopped:
-                ckpt.save_adapter(adapter, self.cfg, self.setup.run_dir / "adapter")
+                save_adapter(adapter, self.cfg, self.setup.run_dir / layout.ADAPTER)
             summary = {
                 "step": self.step,
                 "stopped_by_signal": stopped,
@@ -275,7 +275,7 @@ class Trainer:
                 "frozen_full_digests": frozen_full,
                 "adapter_digests": adapter_digests,
             }
-            (self.setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            (self.setup.run_dir / layout.SUMMARY).write_text(json.dumps(summary, indent=1))
 
 
 def run(setup: TrainSetup) -> int:

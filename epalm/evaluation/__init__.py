@@ -1,0 +1,2 @@
+"""Evaluation: decoding, predict / gather / score / write over eval shards, the official reference files,
+the trainer's in-training hook and the run report."""

@@ -1,0 +1,41 @@
+"""The run directory's file names, defined once: the trainer writes them, and the report, the evaluation,
+resume, the launch scripts' helpers and the tests read them from here. A leaf (no torch), so light tools
+can import it.
+
+    run_dir/
+      config.yaml  ds_config.json  metrics.jsonl  tb/  summary.json  report.md  loss.png  eval_metric.png
+      adapter/     best/  best.json  eval/scores.json  run.lock  stopped_by_signal.json
+      checkpoints/latest  checkpoints/step_00000040/...  checkpoints/set_aside/
+"""
+
+from __future__ import annotations
+
+import re
+
+CONFIG = "config.yaml"  # the resolved config (also the adapter export's config file)
+DS_CONFIG = "ds_config.json"  # the DeepSpeed JSON the run used, batch sizes injected
+METRICS = "metrics.jsonl"  # one JSON object per logged step or evaluation
+TENSORBOARD = "tb"
+SUMMARY = "summary.json"  # step, engine, digests: what a finished or stopped run ended with
+REPORT, LOSS_PNG, METRIC_PNG = "report.md", "loss.png", "eval_metric.png"
+ADAPTER = "adapter"  # the final adapter export
+BEST, BEST_RECORD = "best", "best.json"  # the adapter with the best val metric, and what it scored
+EVAL = "eval"  # the final test evaluation's predictions, references and scores
+SCORES = "scores.json"  # in every evaluation output directory
+LOCK = "run.lock"
+STOPPED = "stopped_by_signal.json"  # for launchers that do not pass the exit code on (torchrun)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"  # a file holding the tag of the newest complete checkpoint (same format as DeepSpeed's)
+SET_ASIDE = "set_aside"  # newer steps of an abandoned line (bad ones, or past an explicit --resume)
+TAG = re.compile(r"^step_(\d{8,})$")
+# inside a step directory, beside DeepSpeed's files and rng_rank*.pt
+TRAINER_STATE = "trainer_state.json"  # step, loader position, run lineage, eval state
+CHECKPOINT_MANIFEST = "checkpoint_manifest.json"  # sizes and SHA-256 of every file, written last
+
+ADAPTER_WEIGHTS = "adapter.safetensors"  # inside an adapter export, beside CONFIG
+
+
+def tag_for(step: int) -> str:
+    """The checkpoint directory name of `step`."""
+    return f"step_{step:08d}"
