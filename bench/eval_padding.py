@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from epalm.data.length_order import length_sorted
-from epalm.data.loader import DatasetSpec, build_eval_loader
+from epalm.data.loader import DatasetSpec, LoaderSettings, build_eval_loader
 from epalm.data.text import build_tokenizer
 from epalm.data.tokenizer_trainer import save_tokenizer
 
@@ -64,10 +64,7 @@ def main() -> str:
             loader = build_eval_loader(
                 DatasetSpec(path, task, "image"),
                 tokenizer,
-                batch_size=BATCH,
-                rank=0,
-                world_size=1,
-                image_size=32,
+                LoaderSettings(batch_size=BATCH, rank=0, world_size=1, image_size=32),
             )
             n, slots, pads = _count(loader)
             _, slots2, pads2 = _count(b for b, _ in length_sorted(loader, WINDOW, tokenizer.pad_token_id))

@@ -177,7 +177,7 @@ def measure(which: str, tmp: Path) -> dict:
     import torch
 
     from epalm.config import build_config
-    from epalm.data.loader import DatasetSpec, build_train_loader
+    from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
     from epalm.data.text import build_tokenizer
     from epalm.data.tokenizer_trainer import save_tokenizer
     from epalm.model.epalm import build_model
@@ -193,7 +193,9 @@ def measure(which: str, tmp: Path) -> dict:
     tokenizer = build_tokenizer(str(tok_dir))
     shard = write_feature_shard(tmp / which, 64, modality, (6, model.encoder.embed_dim))
     spec = DatasetSpec(shard, "qa", modality, use_features=True)
-    loader = build_train_loader([spec], tokenizer, batch_size=BATCH, rank=0, world_size=1, num_workers=0)
+    loader = build_train_loader(
+        [spec], tokenizer, LoaderSettings(batch_size=BATCH, rank=0, world_size=1, num_workers=0)
+    )
     batches = iter(loader)
     first = next(batches)
     text = {k: first[k] for k in ("input_ids", "attention_mask", "labels")}

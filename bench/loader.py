@@ -153,7 +153,7 @@ def main() -> str:
 
 def shard_rates(shards: str, tok: str) -> dict[int, float]:
     """Samples/s of `build_train_loader` over `shards` at 0 and 2 workers (whichever epalm is importable)."""
-    from epalm.data.loader import DatasetSpec, build_train_loader
+    from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
     from epalm.data.text import build_tokenizer
 
     torch.set_num_threads(1)
@@ -161,7 +161,9 @@ def shard_rates(shards: str, tok: str) -> dict[int, float]:
     out = {}
     for workers in (0, 2):
         common = dict(batch_size=BATCH, rank=0, world_size=1, num_workers=workers, image_size=224)
-        loader = build_train_loader([DatasetSpec(shards, "caption", "image")], tokenizer, **common)
+        loader = build_train_loader(
+            [DatasetSpec(shards, "caption", "image")], tokenizer, LoaderSettings(**common)
+        )
         out[workers] = _rate(lambda ld=loader: ld)
     return out
 
@@ -209,7 +211,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 
 def _measure() -> list[tuple[str, int, float]]:
-    from epalm.data.loader import DatasetSpec, build_train_loader
+    from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
     from epalm.data.text import build_tokenizer
     from epalm.data.tokenizer_trainer import save_tokenizer
 
@@ -227,14 +229,14 @@ def _measure() -> list[tuple[str, int, float]]:
                 rows.append(("(a) tar shards, local disk", workers, new[workers]))
                 rows.append((f"(a0) tar shards, local disk, baseline {BASELINE}", workers, old[workers]))
                 http = build_train_loader(
-                    [DatasetSpec(f"{url}/shards", "caption", "image")], tokenizer, **common
+                    [DatasetSpec(f"{url}/shards", "caption", "image")], tokenizer, LoaderSettings(**common)
                 )
                 rows.append(("(a1) tar shards over HTTP (127.0.0.1)", workers, _rate(lambda ld=http: ld)))
                 files = DataLoader(_LooseJpegs(loose), batch_size=BATCH, shuffle=True, num_workers=workers)
                 rows.append(
                     ("(b) loose JPEG files, PIL + same transform", workers, _rate(lambda ld=files: ld))
                 )
-                feat_loader = build_train_loader([cached], tokenizer, **common)
+                feat_loader = build_train_loader([cached], tokenizer, LoaderSettings(**common))
                 rows.append(
                     ("(c) feature cache (feats.npy), no media", workers, _rate(lambda ld=feat_loader: ld))
                 )

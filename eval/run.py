@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from epalm.config import ENCODER_MODALITY
-from epalm.data.loader import DatasetSpec, build_eval_loader, io_options
+from epalm.data.loader import DatasetSpec, LoaderSettings, build_eval_loader
 from epalm.distributed import exit_process, get_dist_info, shutdown_distributed
 from epalm.evaluation.predict import gather_predictions, load_eval_model, predict
 from epalm.evaluation.references import load_shard_metas
@@ -157,18 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": args.max_new_tokens or cfg.eval.max_new_tokens,
         "world_size": info.world_size,
     }
-    loader = build_eval_loader(
-        DatasetSpec(args.shards, spec.kind, modality, use_features=cfg.data.use_features),
-        tokenizer,
+    loader_settings = LoaderSettings.from_config(
+        cfg,
         batch_size=args.batch_size or cfg.eval.batch_size,
         rank=info.rank,
         world_size=info.world_size,
         num_workers=args.num_workers,
-        image_size=cfg.data.image_size,
-        normalization=cfg.data.normalization,
-        double_question_mark=cfg.model.double_question_mark,
-        **io_options(cfg.data),
     )
+    dataset = DatasetSpec.from_config(cfg, args.shards, modality=modality, task=spec.kind)
+    loader = build_eval_loader(dataset, tokenizer, loader_settings)
     records = predict(
         model,
         loader,

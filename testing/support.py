@@ -77,3 +77,16 @@ def tiny_tree(**adapter) -> dict:
             "adapter": {"start_layer": 1, "end_layer": 5, "prompt_tokens": 3, **adapter},
         }
     }
+
+
+def generate_loose(model, input_ids, attention_mask, **kwargs):
+    """epalm's `generate` with the decoding options given as loose keywords, the way transformers'
+    `generate` takes them, so a test can hand one dict of options to both and compare."""
+    import dataclasses
+
+    from epalm.evaluation.decoding import Decoding, generate
+
+    names = {f.name for f in dataclasses.fields(Decoding)}
+    decoding = Decoding(**{k: v for k, v in kwargs.items() if k in names})
+    rest = {k: v for k, v in kwargs.items() if k not in names}
+    return generate(model, input_ids, attention_mask, decoding=decoding, **rest)

@@ -82,7 +82,7 @@ def eval_answer(capsys, adapter: Path, source_args: list[str], task: str, out: P
 
 def assert_same_media_as_eval(adapter: Path, shards: Path, task: str = "qa", **media: Path) -> None:
     """The CLI's tensor equals what the eval loader feeds the encoder for the same file."""
-    from epalm.data.loader import DatasetSpec, build_eval_loader
+    from epalm.data.loader import DatasetSpec, LoaderSettings, build_eval_loader
     from epalm.data.media_input import load_media
     from epalm.data.text import build_tokenizer
     from epalm.run.adapter import load_adapter
@@ -91,7 +91,7 @@ def assert_same_media_as_eval(adapter: Path, shards: Path, task: str = "qa", **m
     spec = DatasetSpec(shards, task, cfg.data.modality)
     tokenizer = build_tokenizer(cfg.model.lm.tokenizer)
     kwargs = dict(batch_size=1, rank=0, world_size=1, image_size=cfg.data.image_size)
-    (batch,) = list(build_eval_loader(spec, tokenizer, **kwargs))
+    (batch,) = list(build_eval_loader(spec, tokenizer, LoaderSettings(**kwargs)))
     assert torch.equal(load_media(cfg, **media), batch["media"])
 
 

@@ -77,14 +77,16 @@ def test_predict_with_sorting_equals_loader_order(tmp_path):
     from dataclasses import replace
 
     from epalm.config import EvalConfig
-    from epalm.data.loader import DatasetSpec, build_eval_loader
+    from epalm.data.loader import DatasetSpec, LoaderSettings, build_eval_loader
     from epalm.evaluation.predict import load_eval_model, predict
     from tests.test_eval_run import make_adapter
 
     model, tokenizer, _ = load_eval_model(make_adapter(tmp_path))
     shards = write_varied_vqa_shards(tmp_path / "shards", [13, 11])
     loader = build_eval_loader(
-        DatasetSpec(shards, "qa", "image"), tokenizer, batch_size=4, rank=0, world_size=1, image_size=16
+        DatasetSpec(shards, "qa", "image"),
+        tokenizer,
+        LoaderSettings(batch_size=4, rank=0, world_size=1, image_size=16),
     )
     decoding = EvalConfig(num_beams=1, max_new_tokens=3)
     sorted_records = predict(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from epalm.config import build_config
-from epalm.data.loader import DatasetSpec, build_train_loader
+from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
 from epalm.data.stream import UnsafeMemberError, load_manifest
 from testing.shard_fixtures import one_torch_thread, write_dataset
 from tests.remote_fixtures import replace_member, truncate_half
@@ -37,7 +37,7 @@ def record_sizes(root):
 
 def make(root, tokenizer, **kw):
     args = dict(batch_size=4, rank=0, world_size=2, num_workers=0, seed=3, image_size=16, shuffle_buffer=4)
-    return build_train_loader([DatasetSpec(root, "qa", "image")], tokenizer, **(args | kw))
+    return build_train_loader([DatasetSpec(root, "qa", "image")], tokenizer, LoaderSettings(**args | kw))
 
 
 def take(loader, n):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from epalm.data import sources
-from epalm.data.loader import DatasetSpec, build_eval_loader, build_train_loader
+from epalm.data.loader import DatasetSpec, LoaderSettings, build_eval_loader, build_train_loader
 from epalm.data.sources import ShardReadError
 from epalm.data.stream import UnsafeMemberError, load_manifest
 from testing.shard_fixtures import one_torch_thread, write_dataset
@@ -33,7 +33,7 @@ def shards(tmp_path_factory):
 
 def make(path, tokenizer, **kw):
     args = dict(batch_size=3, rank=1, world_size=2, num_workers=0, seed=7, image_size=16, shuffle_buffer=4)
-    return build_train_loader([DatasetSpec(path, "qa", "image")], tokenizer, **(args | kw))
+    return build_train_loader([DatasetSpec(path, "qa", "image")], tokenizer, LoaderSettings(**args | kw))
 
 
 def take(loader, n: int) -> list[dict]:
@@ -97,7 +97,7 @@ def test_truncated_stream_fails_naming_url_and_sample(shards, tiny_tokenizer):
         # evaluation: every sample counts, so a shard that stays broken is an error naming it
         spec = DatasetSpec(f"{server.url}/train", "qa", "image")
         loader = build_eval_loader(
-            spec, tiny_tokenizer, batch_size=4, rank=0, world_size=1, image_size=16, retries=1
+            spec, tiny_tokenizer, LoaderSettings(batch_size=4, rank=0, world_size=1, image_size=16, retries=1)
         )
         with pytest.raises(ShardReadError, match=r"read failed at sample \d+ after 2 tries") as err:
             list(loader)

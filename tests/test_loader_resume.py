@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from epalm.data.loader import DatasetSpec, build_train_loader
+from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
 from testing.shard_fixtures import one_torch_thread, write_dataset
 
 pytestmark = pytest.mark.timeout(180)
@@ -32,7 +32,7 @@ def data(tmp_path_factory):
 
 def make(specs, tokenizer, num_workers, **kw):
     args = dict(batch_size=3, rank=1, world_size=2, num_workers=num_workers, seed=7, image_size=16)
-    return build_train_loader(list(specs), tokenizer, shuffle_buffer=4, **(args | kw))
+    return build_train_loader(list(specs), tokenizer, LoaderSettings(shuffle_buffer=4, **args | kw))
 
 
 def take(loader, n: int) -> list[dict]:

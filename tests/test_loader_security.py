@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from epalm.data import collate
-from epalm.data.loader import DatasetSpec, build_train_loader
+from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
 from epalm.data.stream import UnsafeMemberError
 from testing.shard_fixtures import npy_bytes, one_torch_thread, write_dataset
 
@@ -66,7 +66,9 @@ def no_unpickling(monkeypatch):
 def test_pickle_member_refused_by_default(poisoned, tiny_tokenizer, no_unpickling):
     root, target = poisoned
     loader = build_train_loader(
-        [DatasetSpec(root, "qa", "image")], tiny_tokenizer, batch_size=2, rank=0, world_size=1, image_size=16
+        [DatasetSpec(root, "qa", "image")],
+        tiny_tokenizer,
+        LoaderSettings(batch_size=2, rank=0, world_size=1, image_size=16),
     )
     with pytest.raises(UnsafeMemberError, match=r"s0000[29]\.(pyd|pickle|pth|jpg\.pt)"):
         list(loader)
@@ -79,12 +81,9 @@ def test_pickle_member_skipped_when_asked(poisoned, tiny_tokenizer, no_unpicklin
     loader = build_train_loader(
         [DatasetSpec(root, "qa", "image")],
         tiny_tokenizer,
-        batch_size=2,
-        rank=0,
-        world_size=1,
-        num_workers=num_workers,
-        image_size=16,
-        unsafe_members="skip",
+        LoaderSettings(
+            batch_size=2, rank=0, world_size=1, num_workers=num_workers, image_size=16, unsafe_members="skip"
+        ),
     )
     keys = {k for batch in loader for k in batch["keys"]}
     # the poisoned samples still train from their safe json + jpg; only the foreign members are dropped
@@ -99,7 +98,9 @@ def test_object_npy_is_not_unpickled(tmp_path, tiny_tokenizer):
     # a safe-looking name with a pickled object array inside: numpy must refuse it
     root = write_dataset(tmp_path / "bad", [4], features=(6, 8), extra={1: {"feats.npy": buf.getvalue()}})
     spec = DatasetSpec(root, "qa", "image", use_features=True)
-    loader = build_train_loader([spec], tiny_tokenizer, batch_size=4, rank=0, world_size=1, image_size=16)
+    loader = build_train_loader(
+        [spec], tiny_tokenizer, LoaderSettings(batch_size=4, rank=0, world_size=1, image_size=16)
+    )
     with pytest.raises(ValueError, match="allow_pickle"):
         list(loader)
     assert not target.exists()
@@ -114,7 +115,7 @@ def test_fingerprint_mismatch_is_a_clear_error(features_dir, tiny_tokenizer):
     wrong = FINGERPRINT | {"weights_hash": "ffff0000", "layers": 12}
     spec = DatasetSpec(features_dir, "qa", "image", use_features=True, expected_fingerprint=wrong)
     with pytest.raises(ValueError, match="fingerprint") as err:
-        build_train_loader([spec], tiny_tokenizer, batch_size=2, rank=0, world_size=1)
+        build_train_loader([spec], tiny_tokenizer, LoaderSettings(batch_size=2, rank=0, world_size=1))
     assert "weights_hash" in str(err.value) and "layers" in str(err.value)
 
 
@@ -122,7 +123,7 @@ def test_features_without_fingerprint_refused(tmp_path, tiny_tokenizer):
     root = write_dataset(tmp_path / "plain", [4])  # no features, fingerprint null
     spec = DatasetSpec(root, "qa", "image", use_features=True, expected_fingerprint=FINGERPRINT)
     with pytest.raises(ValueError, match="no cached features"):
-        build_train_loader([spec], tiny_tokenizer, batch_size=2, rank=0, world_size=1)
+        build_train_loader([spec], tiny_tokenizer, LoaderSettings(batch_size=2, rank=0, world_size=1))
 
 
 def test_feature_batches_have_encoder_states_and_no_media(features_dir, tiny_tokenizer, monkeypatch):
@@ -131,7 +132,7 @@ def test_feature_batches_have_encoder_states_and_no_media(features_dir, tiny_tok
 
     monkeypatch.setattr(collate, "decode_image", no_decode)
     spec = DatasetSpec(features_dir, "qa", "image", use_features=True, expected_fingerprint=FINGERPRINT)
-    loader = build_train_loader([spec], tiny_tokenizer, batch_size=2, rank=1, world_size=2)
+    loader = build_train_loader([spec], tiny_tokenizer, LoaderSettings(batch_size=2, rank=1, world_size=2))
     batches = list(loader)
     assert len(batches) == 2
     for batch in batches:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from epalm.data.loader import DatasetSpec, build_eval_loader, build_train_loader, eval_batches_per_rank
+from epalm.data.loader import (
+    DatasetSpec,
+    LoaderSettings,
+    build_eval_loader,
+    build_train_loader,
+    eval_batches_per_rank,
+)
 from epalm.data.text import ANSWER_TOKEN
 from testing.shard_fixtures import all_keys, one_torch_thread, write_dataset
 
@@ -35,11 +41,7 @@ def test_two_ranks_disjoint_equal_and_whole_epoch(qa_dir, tiny_tokenizer, num_wo
         loader = build_train_loader(
             [spec],
             tiny_tokenizer,
-            batch_size=3,
-            rank=rank,
-            world_size=2,
-            num_workers=num_workers,
-            image_size=16,
+            LoaderSettings(batch_size=3, rank=rank, world_size=2, num_workers=num_workers, image_size=16),
         )
         batches = epoch_keys(loader)
         assert len(batches) == len(loader) == 39 // (2 * 3)
@@ -56,7 +58,9 @@ def test_epochs_reshuffle_and_stay_disjoint(qa_dir, tiny_tokenizer):
     spec = DatasetSpec(qa_dir, "qa", "image")
     loaders = [
         build_train_loader(
-            [spec], tiny_tokenizer, batch_size=3, rank=r, world_size=2, num_workers=2, image_size=16
+            [spec],
+            tiny_tokenizer,
+            LoaderSettings(batch_size=3, rank=r, world_size=2, num_workers=2, image_size=16),
         )
         for r in (0, 1)
     ]
@@ -77,7 +81,9 @@ def test_fewer_shards_than_ranks_times_workers(tmp_path, tiny_tokenizer):
     keys = []
     for rank in (0, 1):
         loader = build_train_loader(
-            [spec], tiny_tokenizer, batch_size=2, rank=rank, world_size=2, num_workers=2, image_size=16
+            [spec],
+            tiny_tokenizer,
+            LoaderSettings(batch_size=2, rank=rank, world_size=2, num_workers=2, image_size=16),
         )
         batches = epoch_keys(loader)
         assert len(batches) == 6
@@ -94,11 +100,7 @@ def test_eval_every_sample_once_left_padded(qa_dir, tiny_tokenizer, num_workers)
         loader = build_eval_loader(
             spec,
             tiny_tokenizer,
-            batch_size=4,
-            rank=rank,
-            world_size=2,
-            num_workers=num_workers,
-            image_size=16,
+            LoaderSettings(batch_size=4, rank=rank, world_size=2, num_workers=num_workers, image_size=16),
         )
         batches = list(loader)
         assert len(batches) == len(loader) == eval_batches_per_rank(39, 2, 4)[rank]
@@ -114,10 +116,7 @@ def test_eval_caption_prompt_is_bos_only(qa_dir, tiny_tokenizer):
     loader = build_eval_loader(
         DatasetSpec(qa_dir, "caption", "image"),
         tiny_tokenizer,
-        batch_size=5,
-        rank=0,
-        world_size=1,
-        image_size=16,
+        LoaderSettings(batch_size=5, rank=0, world_size=1, image_size=16),
     )
     batch = next(iter(loader))
     assert batch["input_ids"].tolist() == [[tiny_tokenizer.bos_token_id]] * 5
@@ -125,7 +124,9 @@ def test_eval_caption_prompt_is_bos_only(qa_dir, tiny_tokenizer):
 
 def test_eval_more_workers_than_batches(qa_dir, tiny_tokenizer):
     loader = build_eval_loader(
-        DatasetSpec(qa_dir, "qa", "image"), tiny_tokenizer, batch_size=32, rank=1, world_size=2, num_workers=2
+        DatasetSpec(qa_dir, "qa", "image"),
+        tiny_tokenizer,
+        LoaderSettings(batch_size=32, rank=1, world_size=2, num_workers=2),
     )
     assert [len(b["keys"]) for b in loader] == [20]
 
@@ -133,11 +134,13 @@ def test_eval_more_workers_than_batches(qa_dir, tiny_tokenizer):
 def test_clear_errors_up_front(qa_dir, tiny_tokenizer):
     spec = DatasetSpec(qa_dir, "qa", "image")
     with pytest.raises(ValueError, match="no full batch"):
-        build_train_loader([spec], tiny_tokenizer, batch_size=32, rank=0, world_size=2)
+        build_train_loader([spec], tiny_tokenizer, LoaderSettings(batch_size=32, rank=0, world_size=2))
     with pytest.raises(ValueError, match="workers"):
         mix = [spec, DatasetSpec(qa_dir, "qa", "image", weight=0.5)]
-        build_train_loader(mix, tiny_tokenizer, batch_size=8, rank=0, world_size=2, num_workers=4)
+        build_train_loader(
+            mix, tiny_tokenizer, LoaderSettings(batch_size=8, rank=0, world_size=2, num_workers=4)
+        )
     with pytest.raises(ValueError, match="rank"):
-        build_train_loader([spec], tiny_tokenizer, batch_size=2, rank=2, world_size=2)
+        build_train_loader([spec], tiny_tokenizer, LoaderSettings(batch_size=2, rank=2, world_size=2))
     with pytest.raises(ValueError, match="modality"):
         DatasetSpec(qa_dir, "qa", "smell")

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from epalm.data import schema
-from epalm.data.loader import DatasetSpec, build_train_loader
+from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
 from epalm.data.text import build_tokenizer
 from testing.shard_fixtures import one_torch_thread, write_dataset
 from tests.remote_fixtures import replace_member, serve
@@ -26,7 +26,7 @@ BAD = "s00005"  # its jpg is garbage: skipped and counted on the rank that reads
 def make(path, tokenizer, rank: int, **kw):
     args = dict(batch_size=2, rank=rank, world_size=2, num_workers=0, seed=42, image_size=16)
     args |= dict(max_skip_fraction=0.2, retries=2)
-    return build_train_loader([DatasetSpec(str(path), "qa", "image")], tokenizer, **(args | kw))
+    return build_train_loader([DatasetSpec(str(path), "qa", "image")], tokenizer, LoaderSettings(**args | kw))
 
 
 @pytest.fixture(scope="module")

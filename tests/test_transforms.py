@@ -11,7 +11,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from epalm.data.collate import pick_caption, sample_answer
-from epalm.data.loader import DatasetSpec, build_train_loader
+from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
 from epalm.data.text import IGNORE_INDEX
 from epalm.data.transforms import (
     AUDIO_MEAN,
@@ -131,7 +131,9 @@ def test_batch_shapes_and_labels_per_modality(tmp_path, tiny_tokenizer):
         spec = DatasetSpec(root, "qa", modality)
         batch = next(
             iter(
-                build_train_loader([spec], tiny_tokenizer, batch_size=2, rank=0, world_size=1, image_size=16)
+                build_train_loader(
+                    [spec], tiny_tokenizer, LoaderSettings(batch_size=2, rank=0, world_size=1, image_size=16)
+                )
             )
         )
         assert batch["media"].shape == media_shape and batch["modality"] == modality
@@ -139,7 +141,9 @@ def test_batch_shapes_and_labels_per_modality(tmp_path, tiny_tokenizer):
         assert batch["labels"][pad].eq(IGNORE_INDEX).all() and batch["attention_mask"][:, 0].eq(1).all()
         assert len(batch["meta"]) == 2 and batch["meta"][0]["id"] == batch["keys"][0]
     answer_only = build_train_loader(
-        [spec], tiny_tokenizer, batch_size=2, rank=0, world_size=1, image_size=16, answer_only=True
+        [spec],
+        tiny_tokenizer,
+        LoaderSettings(batch_size=2, rank=0, world_size=1, image_size=16, answer_only=True),
     )
     batch = next(iter(answer_only))
     text = tiny_tokenizer.decode(batch["labels"][0][batch["labels"][0] != IGNORE_INDEX])
@@ -156,7 +160,9 @@ def test_mixing_weights_and_same_dataset_on_every_rank(tmp_path, tiny_tokenizer)
     runs = []
     for rank in (0, 1):
         loader = build_train_loader(
-            specs, tiny_tokenizer, batch_size=2, rank=rank, world_size=2, image_size=16, batches_per_epoch=50
+            specs,
+            tiny_tokenizer,
+            LoaderSettings(batch_size=2, rank=rank, world_size=2, image_size=16, batches_per_epoch=50),
         )
         runs.append([b for _ in range(4) for b in loader])
     names = [[b["dataset"] for b in run] for run in runs]

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from epalm.data.media import SkipSample
     from epalm.data.media_input import load_media
     from epalm.data.text import format_caption, format_qa, tokenize
-    from epalm.evaluation.decoding import decode_generated, generate
+    from epalm.evaluation.decoding import Decoding, decode_generated, generate
     from epalm.evaluation.predict import load_eval_model
 
     path = args.image or args.video or args.audio
@@ -97,13 +97,15 @@ def main(argv: list[str] | None = None) -> int:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             media=pixels.to(args.device),
-            num_beams=args.num_beams or (1 if do_sample else ev.num_beams),
-            max_new_tokens=args.max_new_tokens or ev.max_new_tokens,
-            use_cache=ev.use_cache,
-            do_sample=do_sample,
-            temperature=pick(args.temperature, ev.temperature),
-            top_k=pick(args.top_k, ev.top_k),
-            top_p=pick(args.top_p, ev.top_p),
+            decoding=Decoding.from_config(
+                ev,
+                num_beams=args.num_beams or (1 if do_sample else ev.num_beams),
+                max_new_tokens=args.max_new_tokens or ev.max_new_tokens,
+                do_sample=do_sample,
+                temperature=pick(args.temperature, ev.temperature),
+                top_k=pick(args.top_k, ev.top_k),
+                top_p=pick(args.top_p, ev.top_p),
+            ),
             generator=None if seed is None else torch.Generator(device=args.device).manual_seed(seed),
         )
     except ValueError as err:  # a sampling setting out of range, or sampling with beams

@@ -15,9 +15,10 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from transformers import PreTrainedTokenizerBase
 
 from epalm.data import schema
+from epalm.data.settings import DatasetSpec, LoaderSettings
 from epalm.data.stream import RawSample
 from epalm.data.text import ANSWER_TOKEN, build_labels, format_caption, format_qa, tokenize
-from epalm.data.transforms import AudioTransform, ImageTransform, Normalization
+from epalm.data.transforms import AudioTransform, ImageTransform
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -77,20 +78,27 @@ class BatchBuilder:
     """
 
     tokenizer: PreTrainedTokenizerBase
-    task: str
-    modality: str
-    name: str
-    index: int
+    spec: DatasetSpec
+    name: str  # in logs and batch["dataset"]
+    index: int  # the dataset's place in the mix (seeds its per-sample RNGs)
     train: bool
-    use_features: bool = False
-    image_size: int = 224
-    normalization: Normalization = "clip"
-    answer_only: bool = False
-    double_question_mark: bool = False
+    settings: LoaderSettings
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+    @property
+    def modality(self) -> str:
+        return self.spec.modality
+
+    @property
+    def use_features(self) -> bool:
+        return self.spec.use_features
 
     @cached_property
     def image_transform(self) -> ImageTransform:
-        return ImageTransform(self.image_size, self.train, self.normalization)
+        return ImageTransform(self.settings.image_size, self.train, self.settings.normalization)
 
     @cached_property
     def audio_transform(self) -> AudioTransform:
@@ -139,7 +147,7 @@ class BatchBuilder:
             raise SampleError("bad_text", sample, f"lacks one of {needed} for task {self.task!r}")
         if self.task == "qa":
             answer = sample_answer(meta["answers"], rng) if self.train else None
-            return format_qa(meta["question"], answer, eos, self.double_question_mark)
+            return format_qa(meta["question"], answer, eos, self.settings.double_question_mark)
         return format_caption(pick_caption(meta["captions"], rng) if self.train else None, eos)
 
     def prepare(self, s: RawSample, epoch: int, seed: int) -> tuple[str, torch.Tensor, dict]:
@@ -188,8 +196,9 @@ class BatchBuilder:
         ids, mask = tokenize(self.tokenizer, texts, padding_side="right" if self.train else "left")
         batch = {"input_ids": ids, "attention_mask": mask}
         if self.train:
-            sep = self.tokenizer.convert_tokens_to_ids(ANSWER_TOKEN) if self.answer_only else None
-            batch["labels"] = build_labels(ids, mask, sep, self.answer_only and self.task == "qa")
+            answer_only = self.settings.answer_only
+            sep = self.tokenizer.convert_tokens_to_ids(ANSWER_TOKEN) if answer_only else None
+            batch["labels"] = build_labels(ids, mask, sep, answer_only and self.task == "qa")
         batch["encoder_states" if self.use_features else "media"] = torch.stack(media)
         batch.update(
             modality=self.modality,

@@ -12,6 +12,10 @@ is read on the host, which the ZeRO-3 lockstep needs anyway.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 from transformers import DynamicCache
@@ -22,6 +26,9 @@ from transformers.generation.logits_process import (
 )
 
 from epalm.model.epalm import EPALM
+
+if TYPE_CHECKING:
+    from epalm.config import EvalConfig
 
 _NEG = -1.0e9  # "no hypothesis": the additive mask transformers' beam search uses
 
@@ -76,6 +83,28 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How `generate` picks tokens. `do_sample=True` (with `num_beams=1`) draws each token from
+    softmax(log-probs / temperature) restricted to the `top_k` most likely tokens (0: all) and to the smallest
+    set holding `top_p` of the mass; otherwise greedy (`num_beams=1`) or beam search."""
+
+    num_beams: int = 3
+    max_new_tokens: int = 30
+    use_cache: bool = True  # KV cache; False recomputes every step (the original's behaviour)
+    length_penalty: float = 1.0  # beam search: a hypothesis scores sum(log p) / length ** length_penalty
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+
+    @classmethod
+    def from_config(cls, ev: EvalConfig, **changes) -> Decoding:
+        """The decoding of a config's `eval` section, with `changes` (e.g. a CLI's --num-beams) applied."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**({k: v for k, v in dataclasses.asdict(ev).items() if k in names} | changes))
+
+
 @torch.no_grad()
 def generate(
     model: EPALM,
@@ -86,31 +115,24 @@ def generate(
     pad_token_id: int,
     media: torch.Tensor | None = None,
     encoder_states: torch.Tensor | None = None,
-    num_beams: int = 3,
-    max_new_tokens: int = 30,
-    use_cache: bool = True,
-    length_penalty: float = 1.0,
+    decoding: Decoding = Decoding(),  # noqa: B008 (frozen, so one shared default is safe)
     synced_gpus: bool = False,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """New tokens (B, L) on the input's device, EOS included, padded with pad_token_id. Inputs must be left-padded.
 
-    `do_sample=True` (with `num_beams=1`) draws each token from softmax(log-probs / temperature) restricted to the
-    `top_k` most likely tokens (0: all) and to the smallest set holding `top_p` of the mass, with `generator` (a
-    `torch.Generator` on the model's device; None: torch's global RNG). `synced_gpus=True` keeps every rank
-    stepping until all are done: required under ZeRO-3, where each forward gathers parameters collectively and
-    a rank that stopped early would hang the others.
+    Sampling draws with `generator` (a `torch.Generator` on the model's device; None: torch's global RNG).
+    `synced_gpus=True` keeps every rank stepping until all are done: required under ZeRO-3, where each forward
+    gathers parameters collectively and a rank that stopped early would hang the others.
     """
+    d = decoding
+    num_beams, max_new_tokens, do_sample = d.num_beams, d.max_new_tokens, d.do_sample
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generation needs left-padded inputs (tokenize with padding_side='left')")
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     if do_sample:
-        check_sampling(temperature, top_k, top_p)
+        check_sampling(d.temperature, d.top_k, d.top_p)
         if num_beams > 1:
             raise ValueError(
                 "do_sample draws one sequence per prompt: set num_beams=1 (beam sampling is not offered)"
@@ -121,11 +143,11 @@ def generate(
     if num_beams > 1:
         expand = lambda t: None if t is None else t.repeat_interleave(num_beams, dim=0)  # noqa: E731
         input_ids, attention_mask, visual, prompt = map(expand, (input_ids, attention_mask, visual, prompt))
-    decoder = _Decoder(model, input_ids, attention_mask, visual, prompt, use_cache)
+    decoder = _Decoder(model, input_ids, attention_mask, visual, prompt, d.use_cache)
     if num_beams > 1:
-        search = _Beam(batch, num_beams, max_new_tokens, eos_token_id, pad_token_id, length_penalty, device)
+        search = _Beam(batch, num_beams, max_new_tokens, eos_token_id, pad_token_id, d.length_penalty, device)
     else:
-        pick = _sampler(temperature, top_k, top_p, generator) if do_sample else _argmax
+        pick = _sampler(d.temperature, d.top_k, d.top_p, generator) if do_sample else _argmax
         search = _Tokenwise(batch, max_new_tokens, eos_token_id, pad_token_id, device, pick)
     for step in range(max_new_tokens):
         last = step == max_new_tokens - 1

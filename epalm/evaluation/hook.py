@@ -21,7 +21,7 @@ import torch
 
 from epalm.atomic import write_text_atomic
 from epalm.config import Config
-from epalm.data.loader import DatasetSpec, ResumableLoader, build_eval_loader, io_options
+from epalm.data.loader import DatasetSpec, LoaderSettings, ResumableLoader, build_eval_loader
 from epalm.data.resumable import eval_batches_per_rank
 from epalm.data.stream import load_manifest
 from epalm.distributed import DistInfo, broadcast_from_rank0
@@ -128,19 +128,11 @@ def build_eval_split(
     bs = cfg.eval.batch_size
     if min(eval_batches_per_rank(min(n, max_samples or n), info.world_size, bs)) == 0:
         raise ValueError(f"{path}: {n} samples cannot give each of {info.world_size} ranks an eval batch")
-    d = cfg.data
-    loader = build_eval_loader(
-        DatasetSpec(path, d.task, d.modality, use_features=d.use_features),
-        tokenizer,
-        batch_size=bs,
-        rank=info.rank,
-        world_size=info.world_size,
-        num_workers=0,  # a worker pool per evaluation would be forked from a process holding the model
-        image_size=d.image_size,
-        normalization=d.normalization,
-        double_question_mark=cfg.model.double_question_mark,
-        **io_options(d),
+    # no workers: a worker pool per evaluation would be forked from a process holding the model
+    settings = LoaderSettings.from_config(
+        cfg, batch_size=bs, rank=info.rank, world_size=info.world_size, num_workers=0
     )
+    loader = build_eval_loader(DatasetSpec.from_config(cfg, path), tokenizer, settings)
     capped = max_samples is not None and n > max_samples
     # every rank reads a contiguous slice: its first batches are its share of the first ~max_samples
     num_batches = math.ceil(max_samples / (info.world_size * bs)) if capped else len(loader)

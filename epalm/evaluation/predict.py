@@ -13,7 +13,7 @@ import torch.distributed as dist
 from epalm.config import Config, EvalConfig
 from epalm.data import schema
 from epalm.data.length_order import length_sorted
-from epalm.evaluation.decoding import decode_generated, generate
+from epalm.evaluation.decoding import Decoding, decode_generated, generate
 from epalm.evaluation.tasks import TASKS, media_id, record_key
 
 
@@ -91,6 +91,7 @@ def predict(
     d = decoding or EvalConfig()
     if d.do_sample and d.seed is not None:
         generator = torch.Generator(device=device).manual_seed(d.seed)
+    decoding_ = Decoding.from_config(d)
 
     def run(batch: dict) -> torch.Tensor:
         return generate(
@@ -101,14 +102,8 @@ def predict(
             pad_token_id=tokenizer.pad_token_id,
             media=batch["media"].to(device) if "media" in batch else None,
             encoder_states=batch["encoder_states"].to(device) if "encoder_states" in batch else None,
-            num_beams=d.num_beams,
-            max_new_tokens=d.max_new_tokens,
-            use_cache=d.use_cache,
+            decoding=decoding_,
             synced_gpus=synced_gpus,
-            do_sample=d.do_sample,
-            temperature=d.temperature,
-            top_k=d.top_k,
-            top_p=d.top_p,
             generator=generator,
         )
 

@@ -7,7 +7,7 @@ on every rank, so no rank waits for another that failed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import torch
 
 from epalm.config import Config, ConfigError
 from epalm.data import schema
-from epalm.data.loader import DatasetSpec, ResumableLoader, build_train_loader, io_options
+from epalm.data.loader import DatasetSpec, LoaderSettings, ResumableLoader, build_train_loader
 from epalm.data.text import build_tokenizer
 from epalm.distributed import DistInfo
 from epalm.evaluation.hook import GenerationEval, build_generation_eval
@@ -49,28 +49,27 @@ def build_train_setup(
     choose_optimizer(cfg.train.optimizer, cuda)
     if not cfg.data.train:
         raise ConfigError(["data.train: no training datasets"])
-    loader_kwargs = dict(
+    settings = LoaderSettings.from_config(
+        cfg,
         batch_size=cfg.train.micro_batch_size,
         rank=info.rank,
         world_size=info.world_size,
-        seed=cfg.train.seed,
-        image_size=cfg.data.image_size,
-        normalization=cfg.data.normalization,
-        answer_only=cfg.model.answer_only_loss,
-        double_question_mark=cfg.model.double_question_mark,
-        **io_options(cfg.data),
+        num_workers=cfg.data.num_workers,
     )
     try:
         tokenizer = build_tokenizer(cfg.model.lm.tokenizer or cfg.model.lm.name)
         fingerprint = expected_fingerprint(cfg) if cfg.data.use_features else None
-        specs = [_spec(cfg, d.path, d.weight, fingerprint, d.modality) for d in cfg.data.train]
-        loader = build_train_loader(specs, tokenizer, num_workers=cfg.data.num_workers, **loader_kwargs)
+        specs = [
+            DatasetSpec.from_config(cfg, d.path, d.weight, modality=d.modality, fingerprint=fingerprint)
+            for d in cfg.data.train
+        ]
+        loader = build_train_loader(specs, tokenizer, settings)
         # built now so a bad validation set fails before training; reset to its start at each evaluation
-        val_loaders = (
-            [build_train_loader([_spec(cfg, cfg.data.val, 1.0, fingerprint)], tokenizer, **loader_kwargs)]
-            if cfg.data.val
-            else []
+        val_settings = replace(settings, num_workers=0)
+        val_spec = (
+            DatasetSpec.from_config(cfg, cfg.data.val, fingerprint=fingerprint) if cfg.data.val else None
         )
+        val_loaders = [build_train_loader([val_spec], tokenizer, val_settings)] if val_spec else []
         evaluation = build_generation_eval(cfg, tokenizer, info)
     except (OSError, ValueError) as e:
         raise ConfigError([f"data: {e}"]) from e
@@ -81,13 +80,6 @@ def build_train_setup(
     return TrainSetup(
         cfg, info, ds_config, loader, val_loaders, tokenizer, total, resume_from, run_dir, evaluation
     )
-
-
-def _spec(
-    cfg: Config, path: str, weight: float, fingerprint: dict | None, modality: str | None = None
-) -> DatasetSpec:
-    d = cfg.data
-    return DatasetSpec(path, d.task, modality or d.modality, weight, d.use_features, fingerprint)
 
 
 def expected_fingerprint(cfg: Config) -> dict:
