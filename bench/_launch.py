@@ -88,3 +88,36 @@ def machine_load() -> str:
 
 def fmt_mib(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:,.0f}"
+
+
+def process_status_kib(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile and RssShmem of process `pid` in KiB ({} once it is gone)."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def rank_pids(root_pid: int) -> dict[int, int]:
+    """rank -> pid of the launch/train.py processes under the launcher."""
+    import psutil
+
+    ranks = {}
+    try:
+        for child in psutil.Process(root_pid).children(recursive=True):
+            try:
+                cmd = " ".join(child.cmdline())
+                if "launch/train.py" in cmd and "deepspeed.launcher" not in cmd:
+                    rank = child.environ().get("RANK")
+                    if rank is not None:
+                        ranks[int(rank)] = child.pid
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+    except psutil.NoSuchProcess:
+        pass
+    return ranks

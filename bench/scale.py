@@ -26,7 +26,9 @@ import threading
 import time
 from pathlib import Path
 
-from bench._launch import ROOT, VENV_BIN, bench_env, machine_load
+from bench._launch import ROOT, VENV_BIN, bench_env, machine_load, process_status_kib, rank_pids
+from bench.scale_inputs import SMOKE_LM, write_data, write_random_opt
+from epalm.run import layout
 
 CACHE = Path(os.environ.get("EPALM_SCALE_CACHE", "/work/scale_cache"))
 CONFIG = "launch/configs/image/vqa_v2_pt_L.yaml"
@@ -36,115 +38,10 @@ COMMAND = "nice -n 19 python -m bench.run scale"
 # variables that change what the run measures: the report's command names those that are set
 RUN_ENV = ("EPALM_SCALE_SMOKE", "EPALM_SCALE_LM", "EPALM_SCALE_RESUME", "EPALM_SCALE_DS_CONFIG")
 RUN_ENV += ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-SHARD_BYTES = 2 * 2**30
 STEPS, SAVE_EVERY = 4, 2
 KILL_INTO_STEP = 0.4  # SIGKILL this fraction of a step after the step-SAVE_EVERY checkpoint is committed
 MIN_AVAILABLE = 1.0 * 2**30  # abort (kill the run) below this much free memory: the machine is shared
 GIB = 2**30
-
-
-SMOKE_LM = dict(
-    hidden_size=64, ffn_dim=256, num_attention_heads=4, word_embed_proj_dim=64
-)  # EPALM_SCALE_SMOKE=1
-
-
-def write_random_opt(out: Path, overrides: dict | None = None, arch: str = "6.7b") -> Path:
-    """Random OPT-`arch` (std 0.02, LayerNorms at 1/0) in bf16 as `model-0000k-of-0000n.safetensors` + index,
-    written one tensor at a time (peak ~1 shard in memory). Reused when the index is there."""
-    import torch
-    from safetensors.torch import save_file
-
-    from epalm.config import LMConfig
-    from epalm.model.language_model import build_language_model
-
-    index_path = out / "model.safetensors.index.json"
-    if index_path.is_file():
-        return out
-    lm = build_language_model(
-        LMConfig(name=arch, pretrained=False, dtype="bfloat16", config_overrides=overrides or {}),
-        device="meta",
-    )
-    names = [(k, tuple(v.shape)) for k, v in lm.state_dict().items() if k != "lm_head.weight"]
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    lm.config.save_pretrained(tmp)
-    groups, current, size = [], [], 0
-    for name, shape in names:
-        n = 2 * int(torch.Size(shape).numel())
-        if current and size + n > SHARD_BYTES:
-            groups.append(current)
-            current, size = [], 0
-        current.append((name, shape))
-        size += n
-    groups.append(current)
-    g = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for i, group in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {}
-        for name, shape in group:
-            if "layer_norm" in name:
-                t = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
-                t = t.to(torch.bfloat16)
-            else:
-                t = (torch.randn(shape, generator=g, dtype=torch.bfloat16) * 0.02).contiguous()
-            tensors[name] = t
-            total += t.numel() * 2
-        save_file(tensors, tmp / fname, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, fname))
-        del tensors
-    (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
-    )
-    tmp.rename(out)
-    return out
-
-
-def write_data(out: Path) -> tuple[Path, Path]:
-    """A small tokenizer (ids < OPT's vocab) and 2 image-QA shards of 16 samples."""
-    from epalm.data.tokenizer_trainer import save_tokenizer
-    from testing.shard_fixtures import write_dataset
-
-    tok = out / "tok"
-    if not (out / ".done").is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        save_tokenizer([f"what digit is {i}? seven one" for i in range(64)] * 4, tok, vocab_size=300)
-        write_dataset(out / "train", [16, 16], task="qa", modality="image")
-        (out / ".done").write_text("ok")
-    return tok, out / "train"
-
-
-def _status_kib(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(rest.split()[0])
-    except OSError:
-        pass
-    return out
-
-
-def _rank_pids(root_pid: int) -> dict[int, int]:
-    """rank -> pid of the launch/train.py processes under the launcher."""
-    import psutil
-
-    ranks = {}
-    try:
-        for child in psutil.Process(root_pid).children(recursive=True):
-            try:
-                cmd = " ".join(child.cmdline())
-                if "launch/train.py" in cmd and "deepspeed.launcher" not in cmd:
-                    rank = child.environ().get("RANK")
-                    if rank is not None:
-                        ranks[int(rank)] = child.pid
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-    except psutil.NoSuchProcess:
-        pass
-    return ranks
 
 
 def launch(
@@ -186,8 +83,8 @@ def launch(
                 killed_at = time.time()
                 os.killpg(proc.pid, signal.SIGKILL)
             phase = "load" if loaded_at is None else "steps"
-            for rank, pid in _rank_pids(proc.pid).items():
-                s = _status_kib(pid)
+            for rank, pid in rank_pids(proc.pid).items():
+                s = process_status_kib(pid)
                 cur = peaks[phase].setdefault(rank, {})
                 for k, v in s.items():
                     cur[k] = max(cur.get(k, 0), v)
@@ -231,15 +128,15 @@ def _port() -> int:
 
 def _committed(run_dir: Path) -> int | None:
     """The step `run_dir/checkpoints/latest` names (written once a checkpoint is complete), None before."""
-    from epalm.run.resume import TAG, read_latest
+    from epalm.run.resume import read_latest
 
-    found = TAG.match(read_latest(run_dir / "checkpoints") or "")
+    found = layout.TAG.match(read_latest(run_dir / layout.CHECKPOINTS) or "")
     return int(found.group(1)) if found else None
 
 
 def step_records(run_dir: Path) -> list[dict]:
     """The training-step rows of metrics.jsonl (`log_every=1`: one per step), in order."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / layout.METRICS
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
     return [r for r in rows if "loss" in r]
 
@@ -341,14 +238,15 @@ def report(results: dict, weights: Path, runs: Path, avail: int) -> str:
             "- loss per step, straight / interrupted + resumed: "
             + ", ".join(f"{r['step']}: {r['loss']!r} / {again.get(r['step'], '-')!r}" for r in rows)
         )
-    ck = straight / "checkpoints" / f"step_{SAVE_EVERY:08d}"
+    ck = straight / layout.CHECKPOINTS / layout.tag_for(SAVE_EVERY)
     if ck.is_dir():
         files = sorted((p.relative_to(ck).as_posix(), p.stat().st_size) for p in ck.rglob("*") if p.is_file())
         lines.append(
             f"- checkpoint `{ck.name}`: {dir_bytes(ck):,} bytes in {len(files)} files (adapter + optimizer state "
             f"+ trainer state; no frozen weights): " + ", ".join(f"{n} {s:,}" for n, s in files)
         )
-    a, b = straight / "adapter" / "adapter.safetensors", runs / "resumed" / "adapter" / "adapter.safetensors"
+    weights = (layout.ADAPTER, layout.ADAPTER_WEIGHTS)
+    a, b = straight.joinpath(*weights), (runs / "resumed").joinpath(*weights)
     if a.is_file() and b.is_file():
         lines.append(
             f"- resumed adapter equals the straight run's, byte for byte: **{a.read_bytes() == b.read_bytes()}**"

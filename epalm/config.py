@@ -4,8 +4,6 @@ A leaf module (it imports nothing from epalm). Unknown keys, wrong types and imp
 collected in one pass and reported in one `ConfigError`; checks that need more than the config (the
 LM's depth, files on disk) are passed in as `checks` by `epalm.preflight`. Derived numbers (gradient
 accumulation, per-rank batch) are functions of the config, never stored in it.
-
-About 370 lines: the schema (a comment on every field) and the one pass that checks it read best together.
 """
 
 from __future__ import annotations

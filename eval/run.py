@@ -28,6 +28,7 @@ from epalm.evaluation.scoring import score_split, write_outputs
 from epalm.evaluation.tasks import TASKS
 from epalm.metrics.caption import spice_status
 from epalm.metrics.vqa import MetricsInputError
+from epalm.run import layout
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,7 +69,7 @@ def _flatten(scores: dict, prefix: str = "") -> list[tuple[str, object]]:
 def report(args: argparse.Namespace, predictions: list[dict], metas: list[dict], settings: dict) -> int:
     """Rank 0: write predictions, references and scores.json; print the table and the JSON."""
     task, split = args.task, settings["split"]
-    out = args.out or args.adapter / "eval" / f"{task}_{split}"
+    out = args.out or args.adapter / layout.EVAL / f"{task}_{split}"
     if TASKS[task].metric == "caption" and not args.no_spice:
         available, reason = spice_status()
         if not available:

@@ -2,9 +2,6 @@
 
 Every worker's batches are a pure function of (seed, epoch, rank, world size, worker, workers), so
 the loader state is a count of batches handed out; see docs/loader.md.
-
-About 390 lines: the split, the schedule, the skip accounting and the wrapper share one state and one
-resume contract, and read best together.
 """
 
 from __future__ import annotations

@@ -4,10 +4,8 @@ Tars are read with webdataset's `tar_file_iterator` from streams that `epalm.dat
 http(s), fsspec, `pipe:`). Only members whose name ends in one of `schema.SAFE_EXTENSIONS` are ever read;
 any other member (`.pyd`, `.pickle`, `.pth`, ...) is refused from its tar header alone, before its bytes
 are touched. Samples a stream does not need are not selected: a local file seeks past them on resume, a
-stream reads and drops their bytes (logged). webdataset's decoders are never used.
-
-About 400 lines: opening, retrying, resuming and refusing members are one reader's rules; where
-shards live is `epalm.data.sources`'.
+stream reads and drops their bytes (logged). webdataset's decoders are never used. Where shards live is
+`epalm.data.sources`'.
 """
 
 from __future__ import annotations

@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 from epalm.exit_codes import REQUEUE as EXIT_REQUEUE
+from epalm.exit_codes import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
 SUPERVISOR_DIR = "EPALM_SUPERVISOR_DIR"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _early_stop = False
 
 

@@ -22,6 +22,7 @@ from epalm.config import save_config
 from epalm.data import schema
 from epalm.digest import state_digest
 from epalm.evaluation.hook import EvalContext
+from epalm.exit_codes import STOP_SIGNALS
 from epalm.run import checkpoint as ckpt
 from epalm.run import layout
 from epalm.run.adapter import save_adapter
@@ -32,7 +33,6 @@ from epalm.train.tracking import MetricWriter, Window
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 VAL_MAX_BATCHES = 100  # per rank and evaluation: a validation loss estimate, not a full pass
 
 

@@ -15,13 +15,14 @@ import json
 from pathlib import Path
 
 from data_shards import demo
+from epalm.run import layout
 
 PITCH_WORDS = tuple(demo.PITCHES)
 NUM_DIGITS = 10  # scikit-learn's digits, the answers of digits VQA
 
 
 def _summary(out: Path) -> dict:
-    return json.loads((out / "scores.json").read_text())
+    return json.loads((out / layout.SCORES).read_text())
 
 
 def pitch_word(text: str) -> str | None:

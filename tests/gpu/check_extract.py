@@ -94,7 +94,7 @@ def measure(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     import torch
     import yaml
 
-    from data_shards import extract
+    from data_shards import extract, extract_io
     from data_shards.features import make_spec
     from epalm.data.stream import load_manifest
 
@@ -133,7 +133,7 @@ def measure(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     # the extraction loop: decode workers -> batches -> encoder -> feature shards
     manifest, shards = load_manifest(shards_dir)
     kind = torch.device(device).type
-    ids = [extract.build_id(manifest, shards, j, spec["fingerprint"], args.batch_size, kind) for j in range(len(shards.names))]  # fmt: skip
+    ids = [extract_io.build_id(manifest, shards, j, spec["fingerprint"], args.batch_size, kind) for j in range(len(shards.names))]  # fmt: skip
     ns = argparse.Namespace(
         batch_size=args.batch_size, workers=args.workers, out=root / "feats", no_progress=True
     )
