@@ -31,7 +31,7 @@ PER_SHARD = 128
 BATCH = 32
 FEATURES = (6, 768)  # 6 [CLS] states of ViT-B
 ROOT = Path(__file__).resolve().parent.parent
-BASELINE = "c575083"  # the last commit whose loader read tars by hand with tarfile, before issue 10
+BASELINE = "c575083"  # the last commit whose loader read tars by hand with tarfile, before it moved to webdataset's tar iterator
 _FP = {"encoder": "bench", "weights_hash": "0", "layers": 6, "preprocessing": "bench", "image_size": 224}
 
 

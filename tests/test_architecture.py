@@ -172,7 +172,9 @@ def test_each_shared_fact_is_defined_once():
     quoted_dirs = r"/ [\"'](checkpoints|adapter|best|eval|tb)[\"']"
     assert not _defined_in(quoted_dirs), "run-dir folder names spelled out; use epalm.run.layout"
     # the loader's options read from a config in one place (training, the eval hook and eval.run call it)
-    loader_options = r"(answer_only|unsafe_members|max_skip_fraction|verify_checksums)=(cfg\.)?(data|model|[dm])\."
+    loader_options = (
+        r"(answer_only|unsafe_members|max_skip_fraction|verify_checksums)=(cfg\.)?(data|model|[dm])\."
+    )
     assert _defined_in(loader_options) == ["epalm/data/settings.py"]
 
 

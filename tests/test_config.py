@@ -115,7 +115,7 @@ def test_model_code_imports_no_training_infrastructure():
 
 
 def test_structural_and_cross_field_and_file_problems_arrive_together(tmp_path):
-    """Six problems of three kinds, one error (issue: they used to come back two at a time)."""
+    """Six problems of three kinds, one error (they used to come back two at a time)."""
     tree = tiny_tree()
     tree["model"]["adapter"]["colour"] = "blue"  # unknown key
     tree["train"] = {"lr": "fast", "global_batch_size": 10, "micro_batch_size": 4}  # wrong type; no divide

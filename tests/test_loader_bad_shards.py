@@ -1,4 +1,4 @@
-"""Bad shards (issue 14.1): a missing or truncated shard is found before training; a sample that does not decode,
+"""Bad shards: a missing or truncated shard is found before training; a sample that does not decode,
 or the rest of a shard that fails mid-read, is skipped, counted and refilled, with equal batches and exact resume."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _one_thread():
 
 
 def record_sizes(root):
-    """What data_shards writes since issue 14: each shard's byte size and sha256 in the manifest."""
+    """What data_shards writes: each shard's byte size and sha256 in the manifest."""
     manifest = json.loads((root / "manifest.json").read_text())
     for s in manifest["shards"]:
         data = (root / s["name"]).read_bytes()
