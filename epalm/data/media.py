@@ -125,7 +125,8 @@ def kaldi_fbank(
     pre-emphasis 0.97, symmetric Hann window, power spectrum, log floored at float32 eps.
 
     Implemented here because kaldi-native-fbank refuses 128 bins at 16 kHz (one filter falls between
-    FFT bins; torchaudio leaves it empty, i.e. log(eps)); tests check it against kaldi-native-fbank.
+    FFT bins; torchaudio leaves it empty, i.e. log(eps)); tests check it against kaldi-native-fbank and,
+    through the loader's normalisation, against transformers' ASTFeatureExtractor (tests/test_audio_features.py).
     """
     x = np.asarray(waveform, dtype=np.float64)
     win, shift = int(sample_rate * 0.025), int(sample_rate * 0.010)
