@@ -18,6 +18,7 @@ from epalm.exit_codes import REQUEUE as EXIT_REQUEUE
 from tests.training_fixtures import ROOT, VENV_BIN, env, free_port
 
 RANK = ROOT / "tests" / "signal_rank.py"
+FORWARDED = "SIGTERM,SIGINT,SIGUSR1"  # torchrun --signals-to-handle (its default lacks SIGUSR1)
 SUPERVISE = [sys.executable, str(ROOT / "launch" / "supervise.py")]
 
 
@@ -56,6 +57,9 @@ def _launcher_cmd(launcher: str, d: Path) -> list[str]:
         return [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, str(RANK), str(d)]
     if launcher == "torchrun":
         return [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, str(RANK), str(d)]
+    if launcher == "torchrun_forwarding":  # torchrun's own option: it forwards these signals to the workers
+        torchrun = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port]
+        return [*torchrun, "--signals-to-handle", FORWARDED, str(RANK), str(d)]
     if launcher == "mpirun":
         return [shutil.which("mpirun"), "--allow-run-as-root", "-np", "2", sys.executable, str(RANK), str(d)]
     raise ValueError(launcher)
@@ -82,8 +86,10 @@ def _environ(pid: int) -> str:
         return ""
 
 
-def _signal_tree(cmd: list[str], d: Path, target: str, sig: int, ranks: int = 2) -> int:
-    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def _signal_tree(cmd: list[str], d: Path, target: str, sig: int, ranks: int = 2, **extra_env: str) -> int:
+    proc = subprocess.Popen(
+        cmd, env=env(**extra_env), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 60
         while len(list(d.glob("ready-*"))) < ranks:
@@ -103,6 +109,7 @@ CASES = [
     ("deepspeed", "runner", signal.SIGTERM),  # the runner dies at once: the supervisor takes over the ranks
     ("deepspeed", "launch", signal.SIGUSR1),  # launch.py dies of it, orphaning the ranks
     ("torchrun", "runner", signal.SIGTERM),  # the agent SIGTERMs the workers, then reports a failure (1)
+    ("torchrun_forwarding", "runner", signal.SIGUSR1),  # forwarded to the workers; the agent exits 1
 ]
 
 
@@ -120,3 +127,17 @@ def test_mpirun_forwards_sigusr1_and_passes_75_on(tmp_path):
         pytest.skip("mpirun not installed")
     code = _signal_tree(_launcher_cmd("mpirun", tmp_path), tmp_path, "outermost", signal.SIGUSR1)
     assert code == EXIT_REQUEUE
+
+
+@pytest.mark.distributed
+def test_torchrun_forwards_sigusr1_with_signals_to_handle(tmp_path):
+    """`torchrun --signals-to-handle SIGTERM,SIGINT,SIGUSR1` (no supervisor) forwards SIGUSR1 to the workers:
+    every rank checkpoints and exits 75, but torchrun itself exits 1 (it does not pass a worker's code on),
+    so a job script reads run_dir/stopped_by_signal.json, or runs torchrun under launch/supervise.py."""
+    exits = tmp_path / "exits"
+    exits.mkdir()
+    cmd = _launcher_cmd("torchrun_forwarding", tmp_path)
+    # the ranks' record_exit writes their codes there (no supervisor runs)
+    code = _signal_tree(cmd, tmp_path, "outermost", signal.SIGUSR1, EPALM_SUPERVISOR_DIR=str(exits))
+    assert [int(p.read_text()) for p in sorted(exits.glob("exit-*"))] == [EXIT_REQUEUE, EXIT_REQUEUE]
+    assert code == 1
