@@ -28,6 +28,9 @@ setup: .venv/.done
 	@command -v mpirun >/dev/null || { echo "setup: installing Open MPI (apt)"; \
 	  (apt-get update -qq && apt-get install -y -qq libopenmpi-dev openmpi-bin) >/dev/null || \
 	  echo "setup: Open MPI not installed; mpirun tests will skip"; }
+	@command -v java >/dev/null || { echo "setup: installing Java (apt; pycocoevalcap's PTB tokenizer and METEOR run on it)"; \
+	  (apt-get update -qq && apt-get install -y -qq default-jre-headless) >/dev/null || \
+	  echo "setup: Java not installed; caption scoring (COCO, MSR-VTT, AudioCaps, the demo's audio task) will fail"; }
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip $(UV_PIN)
 	# torch first and pinned, so nothing later can swap it (README: "The two commands")
