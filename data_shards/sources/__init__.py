@@ -7,6 +7,7 @@ from data_shards.sources import (
     cc3m,
     coco_karpathy,
     gqa,
+    jsonl,
     msrvtt_caption,
     video_qa,
     vqav2,
@@ -24,6 +25,7 @@ SOURCES = {
     "msrvtt_qa": video_qa.load_msrvtt_qa,
     "msvd_qa": video_qa.load_msvd_qa,
     "audiocaps": audiocaps.load,
+    "jsonl": jsonl.load,
 }
 
 __all__ = ["SOURCES", "AnnotationError", "Loaded", "Record"]
