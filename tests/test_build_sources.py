@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -125,6 +126,18 @@ def test_vqav2_questions_only_test_split(tmp_path):
     assert run_build(*args, "--out", tmp_path / "out") == 0
     _, samples = read_split(tmp_path / "out")
     assert [meta(s)["answers"] for s in samples] == [[], []]
+
+
+def test_vqav2_test_dev_questions_name_test2015_images(tmp_path):
+    """test-dev's questions file says data_subtype "test-dev2015"; its images are COCO_test2015_*.jpg."""
+    q, _ = _vqa_files(tmp_path, subtype="test2015")
+    data = json.loads(q.read_text())
+    q.write_text(json.dumps(data | {"data_subtype": "test-dev2015"}))
+    args = ["--source", "vqav2", "--questions", q, "--media-root", tmp_path / "img", "--split", "testdev"]
+    assert run_build(*args, "--out", tmp_path / "out") == 0
+    manifest, samples = read_split(tmp_path / "out")
+    assert manifest["skipped"] == {}
+    assert [meta(s)["image_path"] for s in samples] == [f"COCO_test2015_{i:012d}.jpg" for i in (1, 2)]
 
 
 def test_vqav2_vlt5_json_and_subtype_folders(tmp_path):

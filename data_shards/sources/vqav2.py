@@ -1,4 +1,5 @@
-"""VQA v2 from the official questions + annotations pair; images COCO_<subtype>_<image_id:012d>.jpg.
+"""VQA v2 from the official questions + annotations pair; images COCO_<subtype>_<image_id:012d>.jpg
+(test-dev's questions name their test2015 images).
 
 Without --annotations (test-dev / test-std) the samples carry questions only (`answers: []`).
 """
@@ -19,6 +20,8 @@ from data_shards.sources.base import (
     vqa_soft_answers,
 )
 
+IMAGE_SUBTYPE = {"test-dev2015": "test2015"}
+
 
 def load(annotations: Path | None, split: str, questions: Path | None = None) -> Loaded:
     if questions is None:
@@ -36,10 +39,12 @@ def load(annotations: Path | None, split: str, questions: Path | None = None) ->
         subtype = subtype or adata.get("data_subtype")
     if not isinstance(subtype, str):
         raise AnnotationError(questions, 'no "data_subtype" (e.g. "train2014") to name the image files')
+    # test-dev is a subset of test2015: its questions file says "test-dev2015", its images are COCO_test2015_*
+    image_subtype = IMAGE_SUBTYPE.get(subtype, subtype)
 
     def parse(q: dict) -> list[Record]:
         qid, image_id = q["question_id"], int(q["image_id"])
-        rel = f"COCO_{subtype}_{image_id:012d}.jpg"
+        rel = f"COCO_{image_subtype}_{image_id:012d}.jpg"
         meta = base_meta("vqav2", split, "qa", "image", qid)
         meta.update(
             question_id=qid, image_id=image_id, question=text(q["question"]), image_path=rel, answers=[]
