@@ -5,7 +5,8 @@
     python -m epalm.cli.generate --adapter DIR --audio sound.wav
     python -m epalm.cli.generate --adapter DIR --image cat.jpg --do-sample --top-k 50 --seed 1   # as the original's v1
 
-Media go through the same code as shard building and evaluation, so the model sees what it saw in eval.
+It goes through the Python API (`epalm.api.Predictor`): media through the same code as shard building and
+evaluation, so the model sees what it saw in eval. Many files at once: `python -m epalm.cli.infer`.
 """
 
 from __future__ import annotations
@@ -14,104 +15,127 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from epalm.cli.common import HelpFormatter, configure_logging, fail
+
+if TYPE_CHECKING:
+    from epalm.api import Predictor
+
+
+def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """The decoding flags (`epalm.api.DECODING_OPTIONS`); an unset flag is absent from the parsed args, so
+    the adapter config's `eval` section decides it (`Predictor.decoding`)."""
+    unset = argparse.SUPPRESS
+    g = p.add_argument_group("decoding (default: the adapter config's eval section)")
+    g.add_argument("--num-beams", type=int, default=unset, help="beams (1: greedy); default: eval.num_beams")
+    g.add_argument("--max-new-tokens", type=int, default=unset, help="default: eval.max_new_tokens")
+    g.add_argument(
+        "--do-sample",
+        action=argparse.BooleanOptionalAction,
+        default=unset,
+        help="sample instead of beam search (implies --num-beams 1); default: eval.do_sample",
+    )
+    g.add_argument(
+        "--temperature", type=float, default=unset, help="sampling temperature; default: eval.temperature"
+    )
+    g.add_argument(
+        "--top-k",
+        type=int,
+        default=unset,
+        help="sample among the k most likely tokens (0: all); default: eval.top_k",
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=unset,
+        help="sample among the fewest tokens holding this mass; default: eval.top_p",
+    )
+    g.add_argument(
+        "--seed", type=int, default=unset, help="sampling seed (reproducible output); default: eval.seed"
+    )
+
+
+def decoding_options(args: argparse.Namespace) -> dict:
+    """The decoding flags given on the command line, as `Predictor.ask` / `caption` keywords."""
+    from epalm.api import DECODING_OPTIONS
+
+    return {k: getattr(args, k) for k in DECODING_OPTIONS if hasattr(args, k)}
+
+
+def load_predictor(adapter: Path, overrides: list[str], device: str | None) -> Predictor:
+    """`Predictor.load`, with every way an adapter fails to load raised as one ValueError naming it."""
+    from safetensors import SafetensorError
+
+    from epalm.api import Predictor
+
+    try:
+        return Predictor.load(adapter, device=device, overrides=overrides)
+    # no dir, weights or tokenizer; a bad override; a features-only adapter
+    except (OSError, ValueError) as e:
+        problem = str(e)
+    # a corrupt weights file, or weights that do not fit the config's model: an unreadable export
+    except (SafetensorError, KeyError, RuntimeError) as e:
+        problem = f"unreadable adapter export ({type(e).__name__}: {e})"
+    # on one line: a ConfigError lists its problems one per line
+    raise ValueError(f"--adapter {adapter}: {' '.join(problem.split())}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m epalm.cli.generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m epalm.cli.generate", description=__doc__, formatter_class=HelpFormatter
+    )
+    unset = argparse.SUPPRESS  # no "(default: None)" in --help where there is none to show
     p.add_argument(
-        "--adapter", required=True, type=Path, help="adapter export dir (adapter.safetensors + config.yaml)"
+        "--adapter",
+        required=True,
+        type=Path,
+        default=unset,
+        help="adapter export dir (adapter.safetensors + config.yaml)",
     )
     media = p.add_mutually_exclusive_group(required=True)
-    media.add_argument("--image", type=Path)
-    media.add_argument("--video", type=Path)
-    media.add_argument("--audio", type=Path, help="any file soundfile reads (wav, flac); resampled to 16 kHz")
-    p.add_argument("--question", help="ask this (QA); without it the model captions")
-    p.add_argument("--num-beams", type=int, help="default: the config's eval.num_beams")
-    p.add_argument("--max-new-tokens", type=int, help="default: the config's eval.max_new_tokens")
-    p.add_argument(
-        "--do-sample",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="sample instead of beam search (implies --num-beams 1); default: the config's eval.do_sample",
+    media.add_argument("--image", type=Path, default=unset, help="any file PIL reads")
+    media.add_argument("--video", type=Path, default=unset, help="any file PyAV (FFmpeg) decodes")
+    media.add_argument(
+        "--audio", type=Path, default=unset, help="any file soundfile reads (wav, flac); resampled to 16 kHz"
     )
-    p.add_argument("--temperature", type=float, help="sampling temperature; default: eval.temperature")
+    p.add_argument("--question", default=unset, help="ask this (QA); default: none, the model captions")
+    add_decoding_arguments(p)
+    p.add_argument("--device", default=unset, help="default: cuda when available, else cpu")
     p.add_argument(
-        "--top-k", type=int, help="sample among the k most likely tokens (0: all); default: eval.top_k"
+        "overrides",
+        nargs="*",
+        default=unset,
+        help="config overrides key=value, applied to the adapter's config",
     )
-    p.add_argument(
-        "--top-p", type=float, help="sample among the fewest tokens holding this mass; default: eval.top_p"
-    )
-    p.add_argument("--seed", type=int, help="sampling seed (reproducible output); default: eval.seed")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = p.parse_args(argv)
+    configure_logging()
 
-    from epalm.config import ENCODER_MODALITY
     from epalm.data.media import SkipSample
-    from epalm.data.media_input import load_media
-    from epalm.data.text import format_caption, format_qa, tokenize
-    from epalm.evaluation.decoding import Decoding, decode_generated, generate
-    from epalm.evaluation.predict import load_eval_model
 
-    path = args.image or args.video or args.audio
+    given, path = next((m, getattr(args, m)) for m in ("image", "video", "audio") if hasattr(args, m))
     if not path.is_file():
-        print(f"error: {path}: no such file", file=sys.stderr)
-        return 2
-    model, tokenizer, cfg = load_eval_model(args.adapter, args.overrides, args.device)
-    if model.encoder is None:
-        print(
-            "error: this adapter was trained on cached features; set data.use_features=false", file=sys.stderr
-        )
-        return 2
-    given = "image" if args.image else "video" if args.video else "audio"
-    expected = ENCODER_MODALITY[cfg.model.encoder.kind]
-    if given != expected:
-        print(
-            f"error: this adapter's encoder ({cfg.model.encoder.kind}) takes {expected}, not {given}",
-            file=sys.stderr,
-        )
-        return 2
+        return fail(f"{path}: no such file")
     try:
-        pixels = load_media(cfg, args.image, args.video, args.audio)
+        predictor = load_predictor(
+            args.adapter, getattr(args, "overrides", []), getattr(args, "device", None)
+        )
+    except ValueError as e:
+        return fail(str(e))
+    if given != predictor.modality:
+        kind = predictor.cfg.model.encoder.kind
+        return fail(f"this adapter's encoder ({kind}) takes {predictor.modality}, not {given}")
+    options = decoding_options(args)
+    try:
+        if getattr(args, "question", None):
+            text = predictor.ask(path, args.question, **options)
+        else:
+            text = predictor.caption(path, **options)
     except SkipSample as e:
-        print(f"error: {path}: {e}", file=sys.stderr)
-        return 2
-    eos = tokenizer.eos_token
-    text = (
-        format_qa(args.question, None, eos, cfg.model.double_question_mark)
-        if args.question
-        else format_caption(None, eos)
-    )
-    input_ids, attention_mask = tokenize(tokenizer, [text], padding_side="left")
-    ev = cfg.eval
-    do_sample = ev.do_sample if args.do_sample is None else args.do_sample
-    seed = ev.seed if args.seed is None else args.seed
-    pick = lambda given, default: default if given is None else given  # noqa: E731
-    try:
-        tokens = generate(
-            model,
-            input_ids.to(args.device),
-            attention_mask.to(args.device),
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            media=pixels.to(args.device),
-            decoding=Decoding.from_config(
-                ev,
-                num_beams=args.num_beams or (1 if do_sample else ev.num_beams),
-                max_new_tokens=args.max_new_tokens or ev.max_new_tokens,
-                do_sample=do_sample,
-                temperature=pick(args.temperature, ev.temperature),
-                top_k=pick(args.top_k, ev.top_k),
-                top_p=pick(args.top_p, ev.top_p),
-            ),
-            generator=None if seed is None else torch.Generator(device=args.device).manual_seed(seed),
-        )
+        return fail(f"{path}: {e}")
     except ValueError as err:  # a sampling setting out of range, or sampling with beams
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(decode_generated(tokenizer, tokens)[0])
+        return fail(str(err))
+    print(text)
     return 0
 
 
