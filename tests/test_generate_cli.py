@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +187,26 @@ def test_wrong_modality_or_missing_file_is_an_error(tmp_path, capsys, flag):
     media.write_bytes(b"not media")
     code, _, err = cli(capsys, "--adapter", str(adapter), flag, str(media))
     assert code == 2 and "takes image" in err
+
+
+@pytest.mark.parametrize("case", ["missing_adapter", "corrupt_weights", "bad_override"])
+def test_bad_adapter_or_override_is_one_error_line(tmp_path, capsys, case):
+    adapter = make_adapter(tmp_path)
+    png = tmp_path / "picture.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(png)
+    extra = []
+    if case == "missing_adapter":
+        adapter = tmp_path / "nowhere"
+    elif case == "corrupt_weights":
+        (adapter / "adapter.safetensors").write_bytes(b"not safetensors")
+    else:
+        extra = ["eval.num_beamz=2"]
+    code, out, err = cli(capsys, "--adapter", str(adapter), "--image", str(png), *extra)
+    assert code == 2 and out == ""
+    assert err.startswith("error: --adapter ") and len(err.strip().splitlines()) == 1, err
+    expected = {
+        "missing_adapter": "no such adapter directory|not an adapter export directory",
+        "corrupt_weights": "unreadable adapter export",
+        "bad_override": "eval.num_beamz: unknown key",
+    }[case]
+    assert re.search(expected, err), err

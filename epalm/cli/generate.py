@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 from epalm.cli.common import HelpFormatter, configure_logging, fail
 
 if TYPE_CHECKING:
+    import torch
+
     from epalm.api import Predictor
 
 
@@ -63,7 +65,7 @@ def decoding_options(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in DECODING_OPTIONS if hasattr(args, k)}
 
 
-def load_predictor(adapter: Path, overrides: list[str], device: str | None) -> Predictor:
+def load_predictor(adapter: Path, overrides: list[str], device: str | torch.device | None) -> Predictor:
     """`Predictor.load`, with every way an adapter fails to load raised as one ValueError naming it."""
     from safetensors import SafetensorError
 
