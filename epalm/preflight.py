@@ -2,7 +2,8 @@
 
 `epalm.config` checks a config against itself; this module adds what needs more: the LM's depth
 (from the architecture table or a local config.json) and the files a run will open (shard manifests,
-tokenizer, LM and encoder checkpoints, an initial adapter). Launchers call `load_run_config`.
+tokenizer, LM and encoder checkpoints, an initial adapter: a directory or a Hub id). Launchers call
+`load_run_config`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from epalm.config import Check, Config, build_config, load_config
 from epalm.locations import is_remote, looks_local
 from epalm.model.injection import schedule_problems
 from epalm.model.language_model import find_lm_config
+from epalm.run.hub import resolve_adapter
 from epalm.run.layout import ADAPTER_WEIGHTS
 
 
@@ -45,6 +47,17 @@ def _shard_problem(key: str, path: str) -> str | None:
     return None
 
 
+def _init_adapter_problem(ref: str) -> str | None:
+    """A local adapter directory, or a Hub id fetched (or, offline, found in the cache) as training will."""
+    try:
+        path = resolve_adapter(ref)
+    except FileNotFoundError as e:
+        return f"train.init_adapter: {e}"
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        return f"train.init_adapter: no {ADAPTER_WEIGHTS} in {ref}"
+    return None
+
+
 def path_problems(cfg: Config, ok: Callable[..., bool]) -> list[str]:
     """Every local file or directory the run will open, checked to exist (remote shards excepted)."""
     problems: list[str] = []
@@ -68,9 +81,8 @@ def path_problems(cfg: Config, ok: Callable[..., bool]) -> list[str]:
             problems.append(f"model.encoder.checkpoint: file not found: {enc.checkpoint}")
         if enc.kind != "vit" and enc.pretrained and looks_local(enc.name) and not Path(enc.name).is_dir():
             problems.append(f"model.encoder.name: encoder directory not found: {enc.name}")
-    init = cfg.train.init_adapter
-    if ok("train.init_adapter") and init and not (Path(init) / ADAPTER_WEIGHTS).is_file():
-        problems.append(f"train.init_adapter: no {ADAPTER_WEIGHTS} in {init}")
+    if ok("train.init_adapter") and cfg.train.init_adapter:
+        problems.append(_init_adapter_problem(cfg.train.init_adapter))
     return [p for p in problems if p]
 
 

@@ -197,7 +197,11 @@ def test_adapter_export_works_from_another_directory(tmp_path, monkeypatch, tiny
     out = save_adapter(tiny_model.adapter_state_dict(), cfg, "exports/adapter")
     monkeypatch.chdir(tmp_path)
     _, tokenizer, loaded = load_eval_model(work / out, [], "cpu")
-    assert loaded.model.lm.tokenizer == str(work / "tok") and tokenizer is not None
+    # the tokenizer travels inside the export (portable exports), named relative to it
+    assert loaded.model.lm.tokenizer == str(work / out / "frozen" / "tokenizer") and tokenizer is not None
+    assert (work / out / "frozen" / "tokenizer" / "vocab.json").read_bytes() == (
+        work / "tok" / "vocab.json"
+    ).read_bytes()
 
 
 def test_metrics_after_resume_do_not_repeat_steps(tmp_path):
