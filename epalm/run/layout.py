@@ -5,6 +5,7 @@ can import it.
     run_dir/
       config.yaml  ds_config.json  metrics.jsonl  tb/  summary.json  report.md  loss.png  eval_metric.png
       adapter/     best/  best.json  eval/scores.json  run.lock  stopped_by_signal.json
+      tracker.json  wandb/   (with train.tracker: wandb; wandb/ is W&B's own directory)
       checkpoints/latest  checkpoints/step_00000040/...  checkpoints/set_aside/
 """
 
@@ -24,6 +25,7 @@ EVAL = "eval"  # the final test evaluation's predictions, references and scores
 SCORES = "scores.json"  # in every evaluation output directory
 LOCK = "run.lock"
 STOPPED = "stopped_by_signal.json"  # for launchers that do not pass the exit code on (torchrun)
+TRACKER = "tracker.json"  # the external tracker's run id and the last step handed to it (never sent twice)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # a file holding the tag of the newest complete checkpoint (same format as DeepSpeed's)
@@ -31,9 +33,13 @@ SET_ASIDE = "set_aside"  # newer steps of an abandoned line (bad ones, or past a
 TAG = re.compile(r"^step_(\d{8,})$")
 # inside a step directory, beside DeepSpeed's files and rng_rank*.pt
 TRAINER_STATE = "trainer_state.json"  # step, loader position, run lineage, eval state
+RUN_ID = (
+    "run_id"  # the TRAINER_STATE key of the run's id: made at a fresh start, kept by every resume (W&B's id)
+)
 CHECKPOINT_MANIFEST = "checkpoint_manifest.json"  # sizes and SHA-256 of every file, written last
 
 ADAPTER_WEIGHTS = "adapter.safetensors"  # inside an adapter export, beside CONFIG
+FROZEN = "frozen"  # inside an adapter export: small local frozen parts (tokenizer, tiny encoder) copied in
 
 
 def tag_for(step: int) -> str:
