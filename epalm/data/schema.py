@@ -51,6 +51,8 @@ AUDIO_TARGET_LENGTH = 1024
 # Skip reasons a build counts in the manifest's `skipped`.
 SKIP_REASONS = (
     "malformed_record",  # an annotation entry lacks fields or has the wrong types
+    "unknown_media_type",  # jsonl: no "modality" and a file extension it does not know
+    "mixed_kind",  # jsonl: a line of another task or modality than most of the file's
     "missing_media",  # the referenced file does not exist
     "path_escapes_root",  # the media path points outside --media-root
     "corrupt_image",
