@@ -1,0 +1,95 @@
+"""The trainer's command line: one rank of a DeepSpeed run, started by any launcher. `launch/train.py` (what
+the launchers and docs name) and the `epalm-train` console script both run `entry`; see docs/training.md.
+
+    deepspeed --num_gpus 4 launch/train.py --ds_config ds_configs/zero3.json \\
+        --config launch/configs/image/vqa_v2.yaml [--resume auto|PATH] [--precision bf16] [key=value ...]
+    torchrun --nproc_per_node 4 --no-python epalm-train --config ... [key=value ...]
+
+Exit codes (epalm/exit_codes.py): 0 done, 2 bad configuration or the run directory in use by another job
+(nothing trained), 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (requeue and start again with
+--resume auto). To get 75 from the outermost process whichever process of the launch tree is signalled,
+start the launcher under launch/supervise.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import NoReturn
+
+from epalm.cli.common import HelpFormatter, configure_logging, fail
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="run config YAML (launch/configs/...)")
+    p.add_argument(
+        "--ds_config", default="ds_configs/zero3.json", help="DeepSpeed JSON: DeepSpeed knobs only"
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="'auto' (the newest verified checkpoint in run_dir, if any), a step number or a checkpoint "
+        "path; none starts afresh",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        help="override the DeepSpeed JSON's bf16/fp16 (none: as the JSON says)",
+    )
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=100")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train (or resume) one run; the exit code. Bad input ends in one `error:` line (rank 0) and 2."""
+    args = parse_args(argv)
+    if args.local_rank is not None:  # the deepspeed launcher passes it; the environment is authoritative
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+    from epalm import exit_codes
+    from epalm.config import ConfigError
+    from epalm.distributed import get_dist_info, init_distributed, shutdown_distributed
+    from epalm.preflight import load_run_config
+    from epalm.run.lock import acquire_run_lock
+    from epalm.train.ds_config import load_ds_config
+    from epalm.train.setup import build_train_setup
+    from epalm.train.supervisor import register_rank
+    from epalm.train.trainer import run
+
+    register_rank()  # a stop signal from now on is kept for the training loop; see launch/supervise.py
+
+    rank = get_dist_info().rank
+    configure_logging(rank)
+    try:
+        cfg = load_run_config(args.config, args.overrides)  # every problem at once, files included
+        ds_base = load_ds_config(args.ds_config)
+        info = init_distributed()
+        lock = acquire_run_lock(cfg.run_dir, info)  # held by rank 0 until this process ends
+        setup = build_train_setup(cfg, ds_base, info, args.resume, args.precision)
+    except ConfigError as e:
+        return fail(str(e)) if rank == 0 else exit_codes.USAGE  # every rank sees it; one says it
+    code = run(setup)  # a normal end or a signal stop (every rank stops at the same step)
+    shutdown_distributed()
+    lock.release()
+    return code
+
+
+def entry(argv: list[str] | None = None) -> NoReturn:
+    """`main`, then the exit every launched rank needs: the code recorded for launch/supervise.py (launchers
+    do not pass exit codes on) and the process left without the teardown that can abort."""
+    from epalm.distributed import exit_process
+    from epalm.train.supervisor import record_exit
+
+    code = main(argv)
+    record_exit(code)
+    exit_process(code)
+
+
+if __name__ == "__main__":
+    entry()
