@@ -22,7 +22,7 @@ UV = .venv/bin/uv pip install -q --python $(PY) --compile-bytecode --index-strat
 
 .PHONY: setup test test-fast lint bench demo clean
 
-setup: .venv/.done
+setup: .venv/.done .venv/.project
 
 .venv/.done: requirements.txt
 	@command -v mpirun >/dev/null || { echo "setup: installing Open MPI (apt)"; \
@@ -36,7 +36,11 @@ setup: .venv/.done
 	# torch first and pinned, so nothing later can swap it (README: "The two commands")
 	$(UV) torch==2.14.1 torchvision==0.29.1
 	$(UV) -r requirements.txt
-	# the project itself, editable, so launch/ scripts and subprocesses import it from anywhere
+	touch $@
+
+# the project itself, editable, so launch/ scripts and subprocesses import it from anywhere; again whenever
+# pyproject.toml changes (console scripts, package names), which a requirements-only stamp would miss
+.venv/.project: pyproject.toml .venv/.done
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 

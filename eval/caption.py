@@ -13,9 +13,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from epalm.cli.common import HelpFormatter
 from epalm.metrics.caption import score_captions, spice_status
 from epalm.metrics.vqa import load_json
-from eval import run_scorer
+
+from . import prog, run_scorer
 
 
 @contextlib.contextmanager
@@ -33,7 +35,7 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.caption", description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog("caption"), description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--predictions", required=True, help='COCO results JSON: [{"image_id", "caption"}]')
     parser.add_argument("--references", required=True, help='COCO captions JSON: {"images", "annotations"}')
     parser.add_argument("--out", type=Path, help="also write the scores JSON here")

@@ -9,13 +9,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from epalm.cli.common import HelpFormatter
 from epalm.metrics.qa import score_qa
 from epalm.metrics.vqa import load_json
-from eval import run_scorer
+
+from . import prog, run_scorer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.qa", description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog("qa"), description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--predictions", required=True, help='JSON list: [{"question_id", "answer"}]')
     parser.add_argument(
         "--references",

@@ -15,10 +15,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
+from epalm.cli.common import HelpFormatter, fail
 from epalm.config import ENCODER_MODALITY
 from epalm.data.loader import DatasetSpec, LoaderSettings, build_eval_loader
 from epalm.distributed import exit_process, get_dist_info, shutdown_distributed
@@ -30,14 +33,26 @@ from epalm.metrics.caption import spice_status
 from epalm.metrics.vqa import MetricsInputError
 from epalm.run import layout
 
+from . import prog
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog=prog("run"),
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=HelpFormatter,
+    )
     p.add_argument(
         "--adapter", required=True, type=Path, help="adapter export dir (adapter.safetensors + config.yaml)"
     )
     p.add_argument("--shards", required=True, help="one split's shard dir or URL (with manifest.json)")
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument(
+        "--task",
+        required=True,
+        choices=sorted(TASKS),
+        help="what to score: the metric and the input it needs",
+    )
     p.add_argument("--num-beams", type=int, help="default: the config's eval.num_beams")
     p.add_argument("--max-new-tokens", type=int, help="default: the config's eval.max_new_tokens")
     p.add_argument("--batch-size", type=int, help="per rank; default: the config's eval.batch_size")
@@ -51,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "with sharded runs and costs a few dummy steps)",
     )
     p.add_argument("--no-spice", action="store_true", help="skip SPICE even when it is installed")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, applied to the adapter's config")
     return p.parse_args(argv)
 
@@ -79,10 +94,12 @@ def report(args: argparse.Namespace, predictions: list[dict], metas: list[dict],
             task, predictions, metas, split, settings["modality"], spice=False if args.no_spice else None
         )
     except (ValueError, MetricsInputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     fields = {k: v for k, v in settings.items() if k not in ("task", "split", "num_samples")}
-    summary = write_outputs(scored, out, fields)
+    try:
+        summary = write_outputs(scored, out, fields)
+    except OSError as e:
+        return fail(f"cannot write the results to {out}: {e}")
     print(
         f"{task} {split}: {len(predictions)} samples, {settings['world_size']} rank(s), beams "
         f"{settings['num_beams']}, max_new_tokens {settings['max_new_tokens']} -> {out}"
@@ -126,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest, metas = check_shards(args.shards, args.task)
     except (OSError, ValueError) as e:
-        print(f"error: --shards {args.shards}: {e}", file=sys.stderr)
-        return 2
+        return fail(f"--shards {args.shards}: {e}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        return fail(f"--out {args.out}: exists and is not a directory")
     info = get_dist_info()
     if info.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # gloo handles the CPU object gather and CUDA all_reduce alike
@@ -136,17 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     try:
         model, tokenizer, cfg = load_eval_model(args.adapter, args.overrides, device)
-    except FileNotFoundError as e:
-        print(f"error: --adapter {args.adapter}: {e}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, SafetensorError) as e:  # missing or unreadable files, a bad override
+        return fail(f"--adapter {args.adapter}: {e}")
     spec = TASKS[args.task]
     modality = cfg.data.modality if cfg.data.use_features else ENCODER_MODALITY[cfg.model.encoder.kind]
     if modality not in spec.modalities:
-        print(
-            f"error: task {args.task} needs {'/'.join(spec.modalities)} input; this adapter's is {modality}",
-            file=sys.stderr,
-        )
-        return 2
+        return fail(f"task {args.task} needs {'/'.join(spec.modalities)} input; this adapter's is {modality}")
     settings = {
         "task": args.task,
         "split": manifest.get("split") or Path(args.shards).name,
@@ -184,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-if __name__ == "__main__":
+def entry() -> NoReturn:
+    """The process's way out (also the `epalm-eval` console script): `main`, then `exit_process`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    exit_process(main())
+    exit_process(main())  # every file is written: skip the gloo teardown that can abort (distributed.py)
+
+
+if __name__ == "__main__":
+    entry()

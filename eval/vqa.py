@@ -9,12 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from epalm.cli.common import HelpFormatter
 from epalm.metrics.vqa import load_json, score_vqa
-from eval import run_scorer
+
+from . import prog, run_scorer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.vqa", description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog("vqa"), description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--predictions", required=True, help='results JSON: [{"question_id", "answer"}]')
     parser.add_argument("--questions", required=True, help="official v2_OpenEnded_mscoco_*_questions.json")
     parser.add_argument("--annotations", required=True, help="official v2_mscoco_*_annotations.json")
