@@ -3,8 +3,11 @@
     python -m data_shards.build --source coco_karpathy --annotations dataset_coco.json \\
         --media-root /data/coco/images --split train --out shards/coco/train --workers 16
 
-Exit status: 0 built; 1 the annotations cannot be read; 2 bad arguments (or --encoder cannot be built);
-3 too many samples skipped (no manifest is written).
+Exit status: 0 built; 2 bad input, one `error:` line naming it: bad arguments, annotations (or questions)
+missing or unparseable, a --media-root that is not a directory, an --out that cannot be created, an
+--encoder that cannot be built; 3 too many samples skipped (no manifest is written). An annotation file
+that exists but cannot be parsed is the user's to fix, as a missing one is, hence 2 for both; 1 (with a
+traceback) is left to errors in the build itself.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ from pathlib import Path
 from data_shards import writer
 from data_shards.sources import SOURCES, AnnotationError
 from epalm import atomic
+from epalm.cli.common import HelpFormatter, fail
 from epalm.data import schema
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m data_shards.build", description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", required=True, choices=sorted(SOURCES))
+    p = argparse.ArgumentParser(
+        prog="python -m data_shards.build",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--source", required=True, choices=sorted(SOURCES), help="the dataset's on-disk format")
     p.add_argument("--annotations", type=Path, help="annotation file (or img2dataset folder for cc3m)")
     p.add_argument("--questions", type=Path, help="vqav2: the official questions JSON")
     p.add_argument("--media-root", help="folder the annotations' media paths are relative to")
@@ -30,15 +39,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out", required=True, type=Path, help="output folder for <split>-NNNNNN.tar + manifest.json"
     )
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="encoding processes (one per CPU unless given)",
+    )
     p.add_argument("--image-size", type=int, default=224, help="shorter side of stored images and frames")
     p.add_argument("--num-frames", type=int, default=8, help="video frames per clip")
     p.add_argument("--encoder", help="feature cache: a run config YAML (model.encoder) or a timm ViT name")
     p.add_argument(
         "--encoder-layers", type=int, help="feature cache: number of last blocks K (default: config)"
     )
-    p.add_argument("--max-skip-fraction", type=float, default=0.05)
+    p.add_argument(
+        "--max-skip-fraction",
+        type=float,
+        default=0.05,
+        help="of the records, skipped ones allowed before the build refuses to write a manifest (exit 3)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.annotations is None and not (args.source == "vqav2" and args.questions):
@@ -77,9 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = SOURCES[args.source](args.annotations, args.split, questions=args.questions)
     except AnnotationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    args.out.mkdir(parents=True, exist_ok=True)
+        return fail(str(e))
+    if args.media_root and not Path(args.media_root).is_dir():
+        return fail(f"--media-root {args.media_root}: no such directory")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return fail(f"--out {args.out}: cannot create the directory: {e.strerror or e}")
     # no manifest while shards change: a half-built folder never looks usable
     (args.out / schema.MANIFEST).unlink(missing_ok=True)
     encoder = None
@@ -92,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.encoder, args.encoder_layers, modality, args.image_size, args.num_frames
             )
         except Exception as e:  # a bad config, unknown model name, weights not downloadable offline, ...
-            print(
-                f"error: cannot build the encoder {args.encoder!r}: {type(e).__name__}: {e}", file=sys.stderr
-            )
-            return 2
+            return fail(f"cannot build the encoder {args.encoder!r}: {type(e).__name__}: {e}")
     options = writer.ShardOptions(
         out=str(args.out),
         split=args.split,

@@ -238,16 +238,24 @@ def tasks(raw: Path) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_shards.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, type=Path)
+    from epalm.cli.common import HelpFormatter, fail
+
+    p = argparse.ArgumentParser(
+        prog="python -m data_shards.demo", description=__doc__, formatter_class=HelpFormatter
+    )
+    p.add_argument("--out", required=True, type=Path, help="folder for raw/ (the source formats) and shards/")
     p.add_argument("--image-size", type=int, default=32, help="digit images and video frames are this size")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="data_shards.build encoding processes")
     p.add_argument("--shards-per-split", type=int, default=4, help="at least ranks x loader workers")
     p.add_argument(
-        "--tasks", nargs="+", choices=sorted(tasks(Path("raw"))), help="shards to build (default: all)"
+        "--tasks", nargs="+", choices=sorted(tasks(Path("raw"))), help="shards to build (none given: all)"
     )
     args = p.parse_args(argv)
     raw = args.out / "raw"
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return fail(f"--out {args.out}: cannot create the directory: {e.strerror or e}")
     write_digits(raw / "digits", args.image_size)
     write_shapes(raw / "shapes")
     write_tones(raw / "tones")

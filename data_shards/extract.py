@@ -6,10 +6,11 @@
 Runs under torchrun, srun (launch/slurm/extract.sbatch), the deepspeed launcher, mpirun or alone. Writes the
 shards `data_shards.build --encoder` writes (media + `feats.npy`, same names, order, manifest and
 fingerprint), each atomically with a done-record; a re-run redoes only unfinished shards. Rank 0 writes the
-manifest last, after every rank is done. Exit status: 0 done; 1 unreadable input shards; 2 bad arguments, an
-encoder that cannot be built, weights that differ between ranks, or an --out holding other features; 3 more
-than --max-skip-fraction of the samples failed in the encoder (no manifest); 75 stopped by SIGTERM/SIGUSR1
-after finishing the shards in progress (re-run to resume).
+manifest last, after every rank is done. Exit status: 0 done; 2 bad input, one `error:` line naming it: bad
+arguments, --shards missing or unreadable, an --out that is not a directory or holds other features, an
+encoder that cannot be built, weights that differ between ranks; 3 more than --max-skip-fraction of the
+samples failed in the encoder (no manifest); 75 stopped by SIGTERM/SIGUSR1 after finishing the shards in
+progress (re-run to resume); 1 a shard without its done-record at the end (an error in the run itself).
 
 Considered: clip-retrieval's `inference` (multi-GPU, SLURM) writes pooled embeddings in its own layout, not
 per-block [CLS] states in our shards; webdataset's ShardWriter numbers shards by count, not by input shard.
@@ -25,6 +26,7 @@ import signal
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -46,16 +48,22 @@ from data_shards.features import (
     make_spec,
 )
 from epalm import atomic
+from epalm.cli.common import HelpFormatter, fail
 from epalm.data import schema
 from epalm.data.stream import ShardList, load_manifest
 from epalm.exit_codes import REQUEUE as EXIT_REQUEUE  # stopped by a signal: finished shards kept; re-run
-from epalm.exit_codes import STOP_SIGNALS
+from epalm.exit_codes import STOP_SIGNALS, USAGE
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m data_shards.extract", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m data_shards.extract",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[1],
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--shards", required=True, type=Path, help="media shards (a data_shards.build output)")
     p.add_argument("--encoder", required=True, help="a run config YAML (model.encoder) or a timm ViT name")
     p.add_argument("--out", required=True, type=Path, help="output folder for the feature shards")
@@ -103,8 +111,7 @@ def extract(args, group: Group, stop: dict) -> int:
         manifest, shards = load_manifest(args.shards)
         first = first_sample(shards)
     except (OSError, ValueError) as e:
-        print(f"error: {args.shards}: {e}", file=sys.stderr)
-        return 1
+        return fail(f"--shards {args.shards}: {e}")
     meta = json.loads(first[schema.JSON]) if schema.JSON in first else {}
     modality = meta.get("modality", "image")
     built = manifest.get("args") or {}
@@ -119,9 +126,8 @@ def extract(args, group: Group, stop: dict) -> int:
     except Exception as e:  # a bad config, unknown model name, weights not downloadable offline, ...
         error = f"cannot build the encoder {args.encoder!r}: {type(e).__name__}: {e}"
     hashes = group.gather(error or spec["fingerprint"]["weights_hash"])
-    if error or len(set(hashes)) > 1:
-        print(f"error: {error or 'encoder weights differ between ranks: ' + str(hashes)}", file=sys.stderr)
-        return 2
+    if error or len(set(hashes)) > 1:  # rank 0 speaks for the job; `hashes` holds the others' errors
+        return fail(error or f"encoder weights differ between ranks: {hashes}") if rank == 0 else USAGE
     fp = spec["fingerprint"]
     ids = [build_id(manifest, shards, j, fp, args.batch_size, kind) for j in range(len(shards.names))]
     todo: list[int] | str = []
@@ -132,8 +138,7 @@ def extract(args, group: Group, stop: dict) -> int:
             todo = str(e)
     todo = group.broadcast(todo)
     if isinstance(todo, str):
-        print(f"error: {todo}; use another --out or delete it", file=sys.stderr)
-        return 2
+        return fail(f"{todo}; use another --out or delete it") if rank == 0 else USAGE
     mine = todo[rank::world]
     print0(
         f"extract: {len(shards.names)} shards, {len(shards.names) - len(todo)} already done, {len(todo)} "
@@ -258,6 +263,10 @@ def finish(args, manifest: dict, shards: ShardList, ids: list[str], fp: dict, ki
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.shards.is_dir():  # before joining the other ranks: every rank sees the same arguments
+        return fail(f"--shards {args.shards}: no such directory")
+    if args.out.exists() and not args.out.is_dir():
+        return fail(f"--out {args.out}: exists and is not a directory")
     stop = {"signal": None}
 
     def on_signal(signum, frame):  # finish the shards in progress, then exit 75
@@ -275,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed()
 
 
-if __name__ == "__main__":
+def entry() -> NoReturn:
+    """The process's way out (also the `epalm-extract` console script): `main`, then `exit_process`."""
     from epalm.distributed import exit_process
 
     exit_process(main())  # every file is written: skip the gloo teardown that can abort (distributed.py)
+
+
+if __name__ == "__main__":
+    entry()

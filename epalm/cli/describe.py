@@ -8,9 +8,12 @@ per-GPU memory plan (epalm/train/memory_plan.py) instead, ending with
 from __future__ import annotations
 
 import argparse
+import sys
 
 from torch import nn
 
+from epalm.cli.common import HelpFormatter, configure_logging, fail
+from epalm.config import ConfigError
 from epalm.model.epalm import EPALM, build_model
 from epalm.preflight import load_run_config
 from epalm.train.memory_plan import MemoryPlan, plan_memory
@@ -62,22 +65,35 @@ def plan_lines(plan: MemoryPlan, header: str) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Describe an eP-ALM config's model without loading weights.")
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    parser.add_argument("--gpus", type=int, help="print the per-GPU memory plan for this many GPUs")
-    parser.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3), help="ZeRO stage (default 3)")
-    parser.add_argument(
-        "--micro-batch", type=int, help="per-GPU micro-batch (default train.micro_batch_size)"
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m epalm.cli.describe",
+        description=__doc__,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
-    parser.add_argument("--text-tokens", type=int, default=32, help="text length per sample (default 32)")
+    parser.add_argument("config", help="run config YAML (launch/configs/...)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument("--gpus", type=int, help="print the per-GPU memory plan for this many GPUs")
+    parser.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3), help="ZeRO stage of the plan")
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        help="per-GPU micro-batch of the plan (none: the config's train.micro_batch_size)",
+    )
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="of the plan")
+    parser.add_argument("--text-tokens", type=int, default=32, help="text length per sample, for the plan")
     args = parser.parse_args(argv)
-    cfg = load_run_config(args.config, args.overrides, paths=False)
+    for name in ("gpus", "micro_batch", "text_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    configure_logging()
+    try:
+        cfg = load_run_config(args.config, args.overrides, paths=False)
+    except ConfigError as e:
+        return fail(str(e))
     if args.gpus is None:
         print("\n".join(describe(build_model(cfg.model, device="meta"), cfg)))
-        return
+        return 0
     micro = args.micro_batch or cfg.train.micro_batch_size
     plan = plan_memory(cfg, args.gpus, args.zero, micro, args.precision, args.text_tokens)
     header = (
@@ -85,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.text_tokens} text tokens; per GPU:"
     )
     print("\n".join(plan_lines(plan, header)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
