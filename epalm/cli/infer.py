@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +186,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_decoding_arguments(p)
     p.add_argument("--device", help="none: cuda:<local rank> when CUDA is available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", default=unset, help="config overrides key=value")
     return p.parse_args(argv)
 
@@ -253,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
     out = open(args.out, "a", encoding="utf-8") if info.rank == 0 else None  # noqa: SIM115 (closed below)
     written = errors = 0
+    start = time.perf_counter()
     batches = iter(loader)
     for _ in range(steps):
         rows = next(batches, [])
@@ -278,7 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
     if out is not None:
         out.close()
-        print(f"wrote {written} lines ({errors} unreadable media) to {args.out}", file=sys.stderr)
+        seconds = time.perf_counter() - start
+        print(
+            f"wrote {written} lines ({errors} unreadable media) to {args.out} in {seconds:.2f} s after loading "
+            f"({written / max(seconds, 1e-9):.2f} inputs/s)",
+            file=sys.stderr,
+        )
     shutdown_distributed()
     return 0
 
