@@ -143,7 +143,11 @@ class TrainConfig:
     eval_every: int = 1000  # steps between validation loss + generation metric; 0 disables
     save_every: int = 1000  # steps between resumable checkpoints; 0: only the final one
     keep_last: int = 3  # resumable checkpoints kept (older ones pruned)
-    init_adapter: str | None = None  # adapter export to start from (e.g. the CC3M pretraining's)
+    init_adapter: str | None = None  # adapter to start from (CC3M pretraining): a directory or org/name[@rev]
+    # wandb: metrics to Weights & Biases too (rank 0; WANDB_MODE=offline works without network); a resumed
+    # or requeued run continues the same W&B run and sends no step twice (docs/training.md)
+    tracker: Literal["none", "wandb"] = "none"
+    wandb_project: str = "epalm"  # the W&B project (entity: WANDB_ENTITY); the W&B run id is the run's run_id
 
 
 @dataclass(frozen=True)

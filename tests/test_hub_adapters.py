@@ -100,6 +100,7 @@ def test_a_large_local_part_keeps_its_absolute_path_with_a_warning(tmp_path, mon
     from epalm.run import adapter as adapter_module
 
     monkeypatch.setattr(adapter_module, "PORTABLE_MAX_BYTES", 1000)  # the tokenizer is a few kB
+    monkeypatch.setattr(adapter_module, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="epalm.run.adapter"):
         adapter = make_adapter(tmp_path)
     tokenizer = yaml.safe_load((adapter / "config.yaml").read_text())["model"]["lm"]["tokenizer"]

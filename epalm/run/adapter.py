@@ -28,6 +28,7 @@ FROZEN_PARTS = {
     ("encoder", "name"): "encoder",
     ("encoder", "checkpoint"): "encoder_checkpoint",
 }
+_warned: set[Path] = set()  # large local parts already reported
 
 
 def save_adapter(state: dict[str, torch.Tensor], cfg: Config, out_dir: str | Path) -> Path:
@@ -112,11 +113,13 @@ def portable_config(cfg: Config, export_dir: Path) -> Config:
         if source not in copied:
             size = _size(source)
             if size > PORTABLE_MAX_BYTES:
-                log.warning(
-                    "model.%s.%s: %s is %d MiB, over the %d MiB copied into an adapter export: the export names "
-                    "it by its absolute path and does not load on a machine without it",
-                    section, field, source, size >> 20, PORTABLE_MAX_BYTES >> 20,
-                )  # fmt: skip
+                if source not in _warned:  # once per process, not at every checkpoint
+                    _warned.add(source)
+                    log.warning(
+                        "model.%s.%s: %s is %.1f MiB, over the %.1f MiB copied into an adapter export: the "
+                        "export names it by its absolute path and does not load on a machine without it",
+                        section, field, source, size / 2**20, PORTABLE_MAX_BYTES / 2**20,
+                    )  # fmt: skip
                 continue
             target = export_dir / FROZEN / part
             if source.is_dir():

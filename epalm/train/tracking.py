@@ -1,5 +1,5 @@
 """What the training loop measures and where it goes: loss, lr, throughput, data wait and peak memory,
-into TensorBoard, a JSONL file and a tqdm bar (rank 0)."""
+into TensorBoard, a JSONL file and a tqdm bar (rank 0), and Weights & Biases with `train.tracker: wandb`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from epalm.atomic import write_text_atomic
-from epalm.run.layout import METRICS, TENSORBOARD
+from epalm.run.layout import METRICS, TENSORBOARD, TRACKER
 
 
 @dataclass
@@ -83,11 +83,59 @@ def truncate_metrics(path: Path, step: int) -> int:
     return dropped
 
 
+class WandbSink:
+    """One W&B run per training run, rank 0 only: its id is the run's `run_id` (kept in every checkpoint) and it
+    is opened with resume="allow", so a resumed or requeued run continues it (mode, entity, key: W&B's WANDB_*).
+
+    A step's records (train metrics, then evaluation) go out as one committed row at `flush`. W&B history is
+    append-only (no purge_step as TensorBoard has), so a resumed run does not send again the steps an earlier
+    attempt handed over (the last one is in tracker.json): a step appears once. A kill -9 loses what W&B had not
+    yet written (its offline file is flushed every WANDB__TRANSACTION_LOG_FLUSH_INTERVAL seconds, 15 by default);
+    those steps stay missing rather than appear twice. A record for a step already sent by this process (the
+    final test evaluation) goes into the run summary.
+    """
+
+    def __init__(self, run_dir: Path, run_id: str, project: str, config: dict):
+        import wandb
+
+        self.path, self.run_id = run_dir / TRACKER, run_id
+        state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.floor = int(state.get("step", 0)) if state.get("run_id") == run_id else 0
+        self.sent = self.floor
+        self.pending: dict[str, float] = {}
+        self.pending_step: int | None = None
+        self.run = wandb.init(project=project, id=run_id, resume="allow", dir=str(run_dir), config=config)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if step <= self.floor:
+            return  # an earlier attempt of this run sent it
+        if self.pending_step is not None and step != self.pending_step:
+            self.flush()
+        if step <= self.sent:
+            self.run.summary.update(values)
+            return
+        self.pending.update(values)
+        self.pending_step = step
+
+    def flush(self) -> None:
+        if self.pending_step is None:
+            return
+        self.run.log(self.pending, step=self.pending_step, commit=True)
+        self.sent, self.pending, self.pending_step = self.pending_step, {}, None
+        write_text_atomic(self.path, json.dumps({"run_id": self.run_id, "step": self.sent}))
+
+    def close(self) -> None:
+        self.flush()
+        self.run.finish()
+
+
 class MetricWriter:
     """Rank 0 writes; other ranks hold a do-nothing writer so the loop has no rank checks."""
 
-    def __init__(self, run_dir: Path, main: bool, total_steps: int, start_step: int):
-        self.main = main
+    def __init__(
+        self, run_dir: Path, main: bool, total_steps: int, start_step: int, wandb: WandbSink | None = None
+    ):
+        self.main, self.wandb = main, wandb
         self.bar = self.tb = self.jsonl = None
         if not main:
             return
@@ -124,12 +172,25 @@ class MetricWriter:
         record["time"] = time.time()
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        for key, value in record.items():
-            if key not in ("step", "time") and isinstance(value, int | float):
-                self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        scalars = {
+            key if "/" in key else f"train/{key}": value
+            for key, value in record.items()
+            if key not in ("step", "time") and isinstance(value, int | float)
+        }
+        for key, value in scalars.items():
+            self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(step, scalars)
+
+    def flush(self) -> None:
+        """The step's records are all written: hand them to W&B as one row (the loop calls it every step)."""
+        if self.wandb is not None:
+            self.wandb.flush()
 
     def close(self) -> None:
         if self.main:
             self.bar.close()
             self.tb.close()
             self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.close()

@@ -8,10 +8,12 @@ A SIGTERM or SIGUSR1 on any rank stops every rank after the current step with a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from epalm import exit_codes
 from epalm.config import save_config
 from epalm.data import schema
 from epalm.digest import state_digest
+from epalm.distributed import broadcast_from_rank0
 from epalm.evaluation.hook import EvalContext
 from epalm.exit_codes import STOP_SIGNALS
 from epalm.run import checkpoint as ckpt
@@ -29,7 +32,7 @@ from epalm.run.adapter import save_adapter
 from epalm.train.engine import Engine, build_engine, frozen_checksum, full_frozen_digest, gather_adapter_state
 from epalm.train.setup import TrainSetup
 from epalm.train.supervisor import stop_requested_early
-from epalm.train.tracking import MetricWriter, Window
+from epalm.train.tracking import MetricWriter, WandbSink, Window
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class Trainer:
             (p.run_dir / layout.DS_CONFIG).write_text(json.dumps(p.ds_config, indent=1))
             (p.run_dir / layout.STOPPED).unlink(missing_ok=True)
         self.frozen_start = frozen_checksum(self.engine.model)
+        run_id = None
         if p.resume_from is not None:
             state = ckpt.load_training_state(self.ds, p.resume_from, rank=self.rank)
             if state.get("world_size") == self.world and state.get("frozen_checksum") != self.frozen_start:
@@ -79,6 +83,7 @@ class Trainer:
                 )
             p.loader.load_state_dict(state["loader"])
             self.step = self._saved_step = int(state["step"])
+            run_id = state.get(layout.RUN_ID)  # absent from checkpoints older than run ids: a new one
             if self.evaluation is not None:  # the best value so far, so `best/` keeps its meaning
                 hook = self.evaluation
                 hook.load_state_dict(state.get("eval_state", {}).get(hook.name), self.step, p.run_dir)
@@ -86,7 +91,13 @@ class Trainer:
             for group, lr in zip(self.ds.optimizer.param_groups, self.engine.scheduler.get_last_lr()):
                 group["lr"] = lr
             log.info("resumed from %s at step %d", p.resume_from, self.step)
-        self.metrics = MetricWriter(p.run_dir, self.main, self.setup.total_steps, self.step)
+        # the run's id, made at a fresh start and kept in every checkpoint: a resumed run is the same run
+        self.run_id = run_id or broadcast_from_rank0(uuid.uuid4().hex)
+        wandb = None
+        if self.main and self.cfg.train.tracker == "wandb":
+            config = dataclasses.asdict(self.cfg)
+            wandb = WandbSink(p.run_dir, self.run_id, self.cfg.train.wandb_project, config)
+        self.metrics = MetricWriter(p.run_dir, self.main, self.setup.total_steps, self.step, wandb)
 
     # ------------------------------------------------------------------ the loop
 
@@ -114,6 +125,7 @@ class Trainer:
                     window = Window()
                 if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
                     self.evaluate()
+                self.metrics.flush()  # this step's records are complete (before a checkpoint marks it done)
                 save_every = self.cfg.train.save_every  # 0: only the final checkpoint
                 if save_every and self.step % save_every == 0 and self.step < total:
                     self.save()
@@ -226,6 +238,7 @@ class Trainer:
             "frozen_checksum": checksum,
             "world_size": self.world,
             "total_steps": self.setup.total_steps,
+            layout.RUN_ID: self.run_id,
             "eval_state": {}
             if self.evaluation is None
             else {self.evaluation.name: self.evaluation.state_dict()},
