@@ -16,12 +16,12 @@ from epalm.run import layout
 
 log = logging.getLogger(__name__)
 
-CITATION = """@inproceedings{shukor2023ep,
+CITATION = """@article{shukor2023ep,
   title={eP-ALM: Efficient Perceptual Augmentation of Language Models},
   author={Shukor, Mustafa and Dancette, Corentin and Cord, Matthieu},
-  booktitle={Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
+  journal={arXiv preprint arXiv:2303.11403},
   year={2023}
-}"""
+}"""  # as the original README (github.com/mshukor/eP-ALM) gives it
 # the Hub's task names for what an adapter does (its pipeline tag and the model-index task type)
 HUB_TASKS = {
     ("qa", "image"): "visual-question-answering",
@@ -88,26 +88,47 @@ def base_models(cfg: Config) -> list[str]:
     return ids
 
 
-def run_results(run_dir: Path) -> list[dict]:
-    """The run's numbers, from its own files: the best in-training value (best.json), the last logged value of
-    every val metric (metrics.jsonl) and the final test evaluation (eval/scores.json)."""
+def shard_label(path: str | None) -> str:
+    """A shard directory as a dataset name: its manifest's `source/split` when readable, else its last two path
+    parts (shards/vqav2/karpathy_val -> vqav2/karpathy_val)."""
+    if not path:
+        return "unknown"
+    manifest = _read_json(Path(path) / MANIFEST) if looks_local(path) else {}
+    if manifest.get("source"):
+        return "/".join(str(manifest[k]) for k in ("source", "split") if manifest.get(k))
+    return "/".join(Path(path).parts[-2:])
+
+
+def run_results(run_dir: Path, cfg: Config) -> list[dict]:
+    """The run's numbers, from its own files: each val metric's best (best.json) and last value and the last
+    val loss (metrics.jsonl), and the final test evaluation (eval/scores.json)."""
     from epalm.evaluation.report import eval_metrics, read_jsonl, series
 
-    results = []
     records = read_jsonl(run_dir / layout.METRICS)
     best = _read_json(run_dir / layout.BEST_RECORD)
-    for metric in eval_metrics(records):
+    val, results = shard_label(cfg.data.val), []
+    for metric in [*eval_metrics(records), "loss"]:
         steps, values = series(records, f"val/{metric}")
         if best.get("metric") == metric:
             results.append(
-                {"metric": metric, "split": "val", "value": best["value"], "at": f"best, step {best['step']}"}
+                dict(metric=metric, split="val", value=best["value"], at=f"best, step {best['step']}")
             )
-        results.append(
-            {"metric": metric, "split": "val", "value": values[-1], "at": f"last, step {steps[-1]}"}
-        )
+        if steps:
+            results.append(dict(metric=metric, split="val", value=values[-1], at=f"last, step {steps[-1]}"))
+    for r in results:
+        r["dataset"] = val
     scores = _read_json(run_dir / layout.EVAL / layout.SCORES)
     for key, value in (scores.get("headline") or {}).items():
-        results.append({"metric": key.split("/", 1)[-1], "split": "test", "value": value, "at": "final"})
+        metric = key.split("/", 1)[-1]
+        results.append(
+            dict(
+                metric=metric,
+                split="test",
+                value=value,
+                at="final",
+                dataset=shard_label(scores.get("shards")),
+            )
+        )
     return results
 
 
@@ -143,17 +164,17 @@ def build_model_card(state: dict, cfg: Config, repo_id: str, run_dir: str | Path
 
     task, modality = cfg.data.task, cfg.data.modality
     hub_task = HUB_TASKS[(task, modality)]
-    results = run_results(Path(run_dir)) if run_dir else []
-    datasets = dataset_names(cfg) or ["unknown"]
+    results = run_results(Path(run_dir), cfg) if run_dir else []
+    datasets = dataset_names(cfg)
     evals = [
         EvalResult(
             task_type=hub_task,
-            dataset_type=datasets[0],
-            dataset_name=f"{', '.join(datasets)} ({r['split']})",
+            dataset_type=r["dataset"],
+            dataset_name=r["dataset"],
             dataset_split=r["split"],
             metric_type=r["metric"],
             metric_name=f"{r['metric']} ({r['at']})",
-            metric_value=round(float(r["value"]), 4),
+            metric_value=float(r["value"]),
         )
         for r in results
     ]
@@ -162,7 +183,7 @@ def build_model_card(state: dict, cfg: Config, repo_id: str, run_dir: str | Path
         pipeline_tag=hub_task,
         tags=["eP-ALM", "adapter", "multimodal", modality, task, "opt"],
         base_model=base_models(cfg) or None,
-        datasets=None if datasets == ["unknown"] else datasets,
+        datasets=datasets or None,
         model_name=repo_id,
         eval_results=evals or None,
     )
@@ -185,18 +206,21 @@ def build_model_card(state: dict, cfg: Config, repo_id: str, run_dir: str | Path
         "",
     ]
     if results:
-        lines += ["| metric | split | value | when |", "|---|---|---|---|"]
-        lines += [f"| {r['metric']} | {r['split']} | {r['value']:.2f} | {r['at']} |" for r in results]
-        lines += ["", "Percent; CIDEr, BLEU-4 and METEOR x100. From the training run's own files."]
+        lines += ["| metric | data | value | when |", "|---|---|---|---|"]
+        lines += [f"| {r['metric']} | {r['dataset']} | {r['value']:.4g} | {r['at']} |" for r in results]
+        lines += [
+            "",
+            "Accuracy in percent; CIDEr, BLEU-4 and METEOR x100. From the training run's own files.",
+        ]
     else:
         lines.append("No training run was given (`--run-dir`), so no numbers are listed.")
-    flag = "--question 'what is this?' " if task == "qa" else ""
+    flag = " --question 'what is this?'" if task == "qa" else ""
     lines += [
         "",
         "## Usage",
         "",
         "```bash",
-        f"python -m epalm.cli.generate --adapter {repo_id} --{modality} FILE {flag}",
+        f"python -m epalm.cli.generate --adapter {repo_id} --{modality} FILE{flag}",
         "```",
         "",
         "```python",
