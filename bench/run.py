@@ -13,7 +13,17 @@ import re
 import sys
 from pathlib import Path
 
-MODULES = ["generation", "builder", "loader", "zero", "features", "preemption", "extract", "eval_padding"]
+MODULES = [
+    "generation",
+    "builder",
+    "loader",
+    "zero",
+    "features",
+    "preemption",
+    "extract",
+    "eval_padding",
+    "infer",
+]
 # only when named: scale ~20 min (hours without AVX512-BF16), ~20 GB RAM, 14 GB disk; setup ~10 min, 13 GB disk
 OPT_IN = ["scale", "setup"]
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
