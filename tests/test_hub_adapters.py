@@ -242,6 +242,29 @@ def test_an_adapter_loads_by_hub_id_offline_from_the_cache(hub_cache, tmp_path):
     assert problem.startswith("train.init_adapter: org/not-cached: not a local directory, and the Hub repo")
 
 
+def test_the_generate_cli_takes_a_hub_id(hub_cache, tmp_path):
+    from PIL import Image
+
+    cache, _, adapter = hub_cache
+    image = tmp_path / "digit.png"
+    Image.frombytes("RGB", (16, 16), bytes(range(256)) * 3).save(image)
+    env = cpu_child_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
+    answers = []
+    for ref in (str(adapter), REPO):
+        cmd = [sys.executable, "-m", "epalm.cli.generate", "--adapter", ref, "--image", str(image)]
+        r = subprocess.run(
+            [*cmd, "--question", "what digit is this?"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        answers.append(r.stdout)
+    assert answers[0] == answers[1] and answers[0].strip()
+
+
 def test_a_missing_adapter_is_one_clear_error(tmp_path):
     from epalm.run.adapter import load_adapter
 
