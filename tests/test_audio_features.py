@@ -11,7 +11,7 @@ import pytest
 import soundfile
 import torch
 
-from epalm.data.media import audio_fbank, load_waveform
+from epalm.data.media import audio_fbank, load_waveform, resample
 from epalm.data.transforms import AudioTransform
 
 
@@ -32,7 +32,7 @@ def test_our_fbank_is_ast_feature_extractors(tmp_path, sample_rate, seconds):
 
     path = _wav(tmp_path / "clip.wav", sample_rate, seconds, seed=int(seconds))
     ours = AudioTransform(train=False)(torch.from_numpy(audio_fbank(path).astype(np.float32)))
-    waveform = load_waveform(path)  # 16 kHz, first channel: the extractor takes a waveform, not a file
+    waveform = resample(*load_waveform(path))  # 16 kHz, first channel: the extractor takes a waveform
     theirs = ASTFeatureExtractor()(waveform, sampling_rate=16000, return_tensors="pt")["input_values"][0]
     assert ours.shape == theirs.shape == (1024, 128)
     # the only difference is the shard's float16 storage of the log-mel values (|x| < 16: steps of 2^-7)

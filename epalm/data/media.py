@@ -144,36 +144,48 @@ def kaldi_fbank(
     return np.log(np.maximum(energies, np.finfo(np.float32).eps)).astype(np.float32)
 
 
-def load_waveform(path: Path, sample_rate: int = schema.AUDIO_SAMPLE_RATE) -> np.ndarray:
-    """First channel (as torchaudio-based code used), resampled to `sample_rate` with a polyphase filter."""
+def load_waveform(path: Path) -> tuple[np.ndarray, int]:
+    """(first channel as float32, its sample rate): the channel torchaudio-based code used."""
     import soundfile
-    from scipy.signal import resample_poly
 
     data, sr = soundfile.read(str(path), dtype="float32", always_2d=True)
-    x = data[:, 0]
-    if sr != sample_rate:
-        g = gcd(sr, sample_rate)
-        x = resample_poly(x, sample_rate // g, sr // g).astype(np.float32)
-    return x
+    return data[:, 0], sr
 
 
-def audio_fbank(path: Path, target_length: int = schema.AUDIO_TARGET_LENGTH) -> np.ndarray:
-    """(target_length, 128) float16 log-mel of the mean-removed 16 kHz waveform, zero-padded or cropped."""
-    try:
-        x = load_waveform(path)
-        x = x - x.mean()  # the mean of the whole clip, as the original; then only what the crop keeps
-        x = x[
-            : int(0.025 * schema.AUDIO_SAMPLE_RATE)
-            + int(0.010 * schema.AUDIO_SAMPLE_RATE) * (target_length - 1)
-        ]
-        fb = kaldi_fbank(x, schema.AUDIO_SAMPLE_RATE)
-        if len(fb) == 0:
-            raise ValueError(f"shorter than one 25 ms frame ({len(x)} samples)")
-    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError on bad files
-        raise SkipSample("unreadable_audio", f"{type(e).__name__}: {e}") from e
+def resample(x: np.ndarray, sr: int, sample_rate: int = schema.AUDIO_SAMPLE_RATE) -> np.ndarray:
+    """`x` at `sample_rate`, through scipy's polyphase filter (unchanged when the rates agree)."""
+    from scipy.signal import resample_poly
+
+    if sr == sample_rate:
+        return x
+    g = gcd(sr, sample_rate)
+    return resample_poly(x, sample_rate // g, sr // g).astype(np.float32)
+
+
+def waveform_fbank(
+    x: np.ndarray, sample_rate: int, target_length: int = schema.AUDIO_TARGET_LENGTH
+) -> np.ndarray:
+    """(target_length, 128) float16 log-mel of a 1-D waveform: resampled to 16 kHz, the whole clip's mean
+    removed (as the original), cropped to what `target_length` frames use, zero-padded after the last frame."""
+    x = resample(np.asarray(x, dtype=np.float32), sample_rate)
+    x = x - x.mean()  # the mean of the whole clip, as the original; then only what the crop keeps
+    x = x[
+        : int(0.025 * schema.AUDIO_SAMPLE_RATE) + int(0.010 * schema.AUDIO_SAMPLE_RATE) * (target_length - 1)
+    ]
+    fb = kaldi_fbank(x, schema.AUDIO_SAMPLE_RATE)
+    if len(fb) == 0:
+        raise ValueError(f"shorter than one 25 ms frame ({len(x)} samples)")
     out = np.zeros((target_length, fb.shape[1]), dtype=np.float16)
     out[: min(target_length, len(fb))] = fb[:target_length]
     return out
+
+
+def audio_fbank(path: Path, target_length: int = schema.AUDIO_TARGET_LENGTH) -> np.ndarray:
+    """`waveform_fbank` of an audio file; SkipSample when it cannot be read or is too short."""
+    try:
+        return waveform_fbank(*load_waveform(path), target_length)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError on bad files
+        raise SkipSample("unreadable_audio", f"{type(e).__name__}: {e}") from e
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,13 +84,9 @@ def _audio_fbank(media: Media, sample_rate: int | None) -> np.ndarray:
         raise ValueError(f"a waveform must be a 1-D float array, got {media.dtype} {media.shape}")
     if sample_rate is None or sample_rate <= 0:
         raise ValueError("a waveform needs its sample_rate (Hz)")
-    import soundfile
+    from epalm.data.media import waveform_fbank
 
-    # `audio_fbank` reads a file (soundfile, first channel, polyphase resampling); a float32 WAV holds the
-    # samples exactly, so the waveform takes that same path instead of a second copy of the audio pipeline
-    with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
-        soundfile.write(tmp.name, media.astype(np.float32), int(sample_rate), subtype="FLOAT", format="WAV")
-        return audio_fbank(Path(tmp.name))
+    return waveform_fbank(media, int(sample_rate))
 
 
 def media_tensor(cfg: Config, modality: str, media: Media, sample_rate: int | None = None) -> torch.Tensor:
