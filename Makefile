@@ -35,7 +35,8 @@ setup: .venv/.done .venv/.project
 	$(PIP) install -q --upgrade pip $(UV_PIN)
 	# torch first and pinned, so nothing later can swap it (README: "The two commands")
 	$(UV) torch==2.14.1 torchvision==0.29.1
-	$(UV) -r requirements.txt
+	# the pins win over a package's own caps (gradio 6.31 declares pillow<13; pillow 13.0.0 is the tested pin)
+	$(UV) -r requirements.txt --overrides requirements.txt
 	touch $@
 
 # the project itself, editable, so launch/ scripts and subprocesses import it from anywhere; again whenever
