@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 import shutil
@@ -28,7 +27,6 @@ from tests.training_fixtures import write_setup
 
 PY = sys.executable
 SHIPPED = ROOT / "launch" / "configs" / "image" / "vqa_v2.yaml"  # the LM's depth is known offline
-HAS_INFER = importlib.util.find_spec("epalm.cli.infer") is not None  # another change adds it
 
 
 @pytest.fixture(scope="module")
@@ -168,13 +166,12 @@ CASES = [
     ("report-not-a-run-dir", "epalm.cli.report {empty}", "not a run directory"),
     ("report-unparseable-file", "epalm.cli.report {bad_run}", "cannot be parsed"),
 ]
-if HAS_INFER:
-    INFER = "epalm.cli.infer --out {root}/answers.jsonl"
-    CASES += [
-        ("infer-missing-adapter", f"{INFER} --adapter {{missing}} --inputs {{images}}", "missing"),
-        ("infer-missing-inputs", f"{INFER} --adapter {{adapter}} --inputs {{missing}}/photos", "photos"),
-        ("infer-unreadable-adapter", f"{INFER} --adapter {{bad_adapter}} --inputs {{images}}", "bad_adapter"),
-    ]
+INFER = "epalm.cli.infer --out {root}/answers.jsonl"
+CASES += [
+    ("infer-missing-adapter", f"{INFER} --adapter {{missing}} --inputs {{images}}", "missing"),
+    ("infer-missing-inputs", f"{INFER} --adapter {{adapter}} --inputs {{missing}}/photos", "photos"),
+    ("infer-unreadable-adapter", f"{INFER} --adapter {{bad_adapter}} --inputs {{images}}", "bad_adapter"),
+]
 # argparse's own usage errors: a missing required option, a value outside its choices
 USAGE_CASES = [
     ("train-no-config", "train", "--config"),
@@ -249,7 +246,7 @@ def test_the_check_refuses_a_traceback_a_second_error_line_or_an_unnamed_problem
 # The modules whose main() parses each command's arguments (launch/train.py runs epalm.cli.train's).
 MAINS = ["epalm.cli.train", "eval.run", "eval.vqa", "eval.caption", "eval.qa", "data_shards.build"]
 MAINS += ["data_shards.extract", "data_shards.demo", "epalm.cli.describe", "epalm.cli.generate"]
-MAINS += ["epalm.cli.official", "epalm.cli.report"] + (["epalm.cli.infer"] if HAS_INFER else [])
+MAINS += ["epalm.cli.official", "epalm.cli.report", "epalm.cli.infer", "epalm.cli.push", "epalm.cli.web_demo"]
 
 
 class _Captured(Exception):
