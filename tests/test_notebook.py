@@ -65,6 +65,7 @@ def _text(cell) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed  # the run it reads is trained by torchrun on 2 ranks
 @pytest.mark.timeout(600)
 def test_notebook_runs_top_to_bottom_with_the_apis_answers(run_and_shards, monkeypatch):
     import nbformat
