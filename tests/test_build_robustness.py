@@ -122,7 +122,7 @@ def test_exit_codes_skip_threshold_and_unreadable_annotations(tmp_path, capsys):
         run_build(
             "--source", "coco_karpathy", "--annotations", broken, "--split", "val", "--out", tmp_path / "x"
         )
-        == 1
+        == 2  # bad input: annotations that cannot be parsed
     )
     assert str(broken) in capsys.readouterr().err
     assert (
@@ -136,7 +136,7 @@ def test_exit_codes_skip_threshold_and_unreadable_annotations(tmp_path, capsys):
             "--out",
             tmp_path / "x",
         )
-        == 1
+        == 2  # bad input: a missing annotation file
     )
     assert "absent.json" in capsys.readouterr().err
 
