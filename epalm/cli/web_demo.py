@@ -170,8 +170,10 @@ def build_app(predictor: Predictor, title: str = "eP-ALM") -> gr.Blocks:
             except ValueError as e:  # shown on the page; the server goes on
                 raise gr.Error(str(e)) from e
 
-        for event in (button.click, question.submit):
-            event(run, inputs=[media, question, *controls], outputs=answer)
+        inputs = [media, question, *controls]
+        # the endpoint a script calls too: gradio_client.Client(url).predict(..., api_name="/answer")
+        button.click(run, inputs=inputs, outputs=answer, api_name="answer")
+        question.submit(run, inputs=inputs, outputs=answer, api_visibility="undocumented")  # Enter in the box
     return app
 
 
