@@ -84,9 +84,7 @@ def respond(predictor: Predictor, media: str | None, question: str | None, *deco
     from epalm.data.media import SkipSample
 
     if not media:
-        raise ValueError(
-            f"upload {'an' if predictor.modality == 'image' else 'a'} {predictor.modality} first"
-        )
+        raise ValueError(f"upload {_article(predictor.modality)} first")
     options = decoding_options(*decoding)
     question = (question or "").strip()
     try:
