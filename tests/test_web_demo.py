@@ -152,29 +152,28 @@ def _video_or_audio(kind: str, root: Path) -> tuple[Path, Path]:
     """A tiny random TimeSformer or AST adapter and one of the demo's clips for it."""
     import numpy as np
 
-    from data_shards.demo import shape_clip, tone, write_video, write_wav
+    from data_shards.demo import shape_clip, tone
+    from data_shards.demo_media import write_video, write_wav
 
+    rng = np.random.default_rng(0)
     if kind == "video":
-        name, data = "facebook/timesformer-base-finetuned-k600", {"num_frames": 4}
+        name, data, clip = "facebook/timesformer-base-finetuned-k600", {"num_frames": 4}, root / "clip.mp4"
         sizes = dict(image_size=16, patch_size=8, num_frames=4)
+        write_video(clip, shape_clip("left", rng))
     else:
-        name, data = "MIT/ast-finetuned-audioset-10-10-0.4593", {}
+        name, data, clip = "MIT/ast-finetuned-audioset-10-10-0.4593", {}, root / "tone.wav"
         sizes = dict(max_length=1024, num_mel_bins=128, patch_size=16, frequency_stride=16, time_stride=16)
+        write_wav(clip, tone("high", rng))
     encoder = {"kind": {"video": "timesformer", "audio": "ast"}[kind], "name": name, "pretrained": False}
     encoder |= {"num_states": 2, "config_overrides": TINY_HF | sizes}
     adapter = make_adapter(root, encoder, modality=kind, **data)
-    rng, clip = np.random.default_rng(0), root / {"video": "clip.mp4", "audio": "tone.wav"}[kind]
-    if kind == "video":
-        write_video(clip, shape_clip("left", rng))
-    else:
-        write_wav(clip, tone("high", rng))
     return adapter, clip
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["video", "audio"])
 def test_video_and_audio_uploads_answer_as_the_api(kind, tmp_path, monkeypatch):
-    """The page's endpoint, called over HTTP with gradio's own client: the upload reaches the model unconverted."""
+    """The page's endpoint over HTTP, with gradio's own client: an uploaded clip is answered as the API answers it."""
     from gradio_client import Client, handle_file
 
     from epalm.api import Predictor
