@@ -118,7 +118,8 @@ def _git_oid(data: bytes) -> str:
 
 def stand_in_hub(repo_id: str, folder: Path) -> tuple[ThreadingHTTPServer, str]:
     """The three Hub endpoints `snapshot_download` calls (revision info, tree listing, file resolve), serving
-    `folder` as the one commit of `repo_id`; returns (server, commit sha)."""
+    `folder` as the one commit of `repo_id`; returns (server, commit sha). huggingface_hub ships no local Hub
+    to test against, and a cache built by hand would test our idea of its layout rather than its own."""
     files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     commit = hashlib.sha1(json.dumps({k: _git_oid(v) for k, v in files.items()}).encode()).hexdigest()
 
@@ -164,7 +165,7 @@ def stand_in_hub(repo_id: str, folder: Path) -> tuple[ThreadingHTTPServer, str]:
 
 @pytest.fixture(scope="module")
 def hub_cache(tmp_path_factory) -> tuple[Path, str, Path]:
-    """(HF cache that huggingface_hub filled by downloading REPO from the stand-in Hub, commit, local adapter)."""
+    """(HF cache huggingface_hub filled by downloading REPO from the stand-in Hub, commit, local adapter)."""
     root = tmp_path_factory.mktemp("hub")
     adapter = tiny_adapter(root / "train")
     server, commit = stand_in_hub(REPO, adapter)

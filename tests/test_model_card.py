@@ -1,5 +1,5 @@
-"""`python -m epalm.cli.push`: the model card made from a real tiny training run (2 ranks) holds that run's own
-numbers (best.json, metrics.jsonl; eval/scores.json when there is one) and parameter counts, in YAML that
+"""`python -m epalm.cli.push`: the model card made from a real tiny training run (2 ranks) holds that run's
+own numbers (best.json, metrics.jsonl; eval/scores.json when there is one) and parameter counts, in YAML that
 huggingface_hub reads back; the upload goes through huggingface_hub's `HfApi` (recorded here, never the real
 Hub) with the adapter's files and the card; bad input is one `error:` line and exit 2."""
 

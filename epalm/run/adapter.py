@@ -1,6 +1,7 @@
 """The adapter export: trainable weights only, as safetensors beside the resolved config, written atomically
 with the umask's permissions. Portable: hub ids stay hub ids and small local frozen parts (a tokenizer, a
-tiny encoder) are copied in and named relative to the export; `load_adapter` reads one from a directory or the Hub."""
+tiny encoder) are copied in and named relative to the export. `load_adapter` reads one from a directory or
+the Hub."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ _warned: set[Path] = set()  # large local parts already reported
 
 
 def save_adapter(state: dict[str, torch.Tensor], cfg: Config, out_dir: str | Path) -> Path:
-    """Write `out_dir/{adapter.safetensors, config.yaml, frozen/}`; a crash mid-write leaves any old export intact.
+    """Write `out_dir/{adapter.safetensors, config.yaml, frozen/}`; a crash mid-write keeps the old export.
 
     The export is portable (`portable_config`): local frozen parts of at most PORTABLE_MAX_BYTES (50 MiB) are
     copied under `frozen/` and named `./frozen/<part>`; larger ones keep their absolute path, with a warning.

@@ -34,7 +34,7 @@ HUB_TASKS = {
 
 
 def parse_hub_id(ref: str) -> tuple[str, str | None] | None:
-    """(repo_id, revision) of `org/name` or `org/name@revision`; None for anything else (a path, a bare name)."""
+    """(repo_id, revision) of `org/name` or `org/name@revision`; None for anything else (a path, a name)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -49,8 +49,8 @@ def parse_hub_id(ref: str) -> tuple[str, str | None] | None:
 
 
 def resolve_adapter(ref: str | Path) -> Path:
-    """The local directory of an adapter: `ref` itself when it is a directory, else the snapshot of the Hub repo
-    `org/name[@revision]` (downloaded into huggingface_hub's cache; with HF_HUB_OFFLINE=1 the cached one).
+    """The local directory of an adapter: `ref` itself when it is a directory, else the snapshot of the Hub
+    repo `org/name[@revision]` (downloaded into huggingface_hub's cache; HF_HUB_OFFLINE=1: the cached one).
     Raises FileNotFoundError naming `ref` when neither exists."""
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -89,8 +89,8 @@ def base_models(cfg: Config) -> list[str]:
 
 
 def shard_label(path: str | None) -> str:
-    """A shard directory as a dataset name: its manifest's `source/split` when readable, else its last two path
-    parts (shards/vqav2/karpathy_val -> vqav2/karpathy_val)."""
+    """A shard directory as a dataset name: its manifest's `source/split` when readable, else its last two
+    path parts (shards/vqav2/karpathy_val -> vqav2/karpathy_val)."""
     if not path:
         return "unknown"
     manifest = _read_json(Path(path) / MANIFEST) if looks_local(path) else {}
@@ -143,8 +143,8 @@ def dataset_names(cfg: Config) -> list[str]:
 
 
 def parameter_counts(state: dict, cfg: Config) -> tuple[int, int | None]:
-    """(trainable, total): the export's tensors, and the whole model built on the meta device (None if the LM's
-    architecture is not known offline)."""
+    """(trainable, total): the export's tensors, and the whole model built on the meta device (None if the
+    LM's architecture is not known offline)."""
     from epalm.model.epalm import build_model
 
     trainable = sum(t.numel() for t in state.values())
@@ -189,17 +189,17 @@ def build_model_card(state: dict, cfg: Config, repo_id: str, run_dir: str | Path
     )
     trainable, total = parameter_counts(state, cfg)
     share = f" of {total:,} ({100 * trainable / total:.3f}%)" if total else ""
-    enc, lm = cfg.model.encoder, cfg.model.lm
+    enc, lm, a = cfg.model.encoder, cfg.model.lm, cfg.model.adapter
     lines = [
         f"# {repo_id}",
         "",
         f"An eP-ALM adapter ({task}, {modality}): a frozen OPT (`{lm.name}`) and a frozen {enc.kind} encoder "
-        f"(`{enc.name}`), joined by a trained linear connection into LM layers {cfg.model.adapter.start_layer}.."
-        f"{cfg.model.adapter.end_layer - 1} and a {cfg.model.adapter.prompt_tokens}-token soft prompt "
+        f"(`{enc.name}`), joined by a trained linear connection into LM layers "
+        f"{a.start_layer}..{a.end_layer - 1} and a {a.prompt_tokens}-token soft prompt "
         "([paper](https://arxiv.org/abs/2303.11403)).",
         "",
         f"- trainable parameters: {trainable:,}{share}",
-        f"- files: `{layout.ADAPTER_WEIGHTS}` (the trained weights), `{layout.CONFIG}` (the model and decoding "
+        f"- files: `{layout.ADAPTER_WEIGHTS}` (the trained weights), `{layout.CONFIG}` (model and decoding "
         f"settings), `{layout.FROZEN}/` (small frozen parts copied in, if any)",
         "",
         "## Results",
@@ -225,7 +225,7 @@ def build_model_card(state: dict, cfg: Config, repo_id: str, run_dir: str | Path
         "",
         "```python",
         "from epalm.api import Predictor",
-        f'predictor = Predictor.load("{repo_id}")  # or "{repo_id}@<revision>"; HF_HUB_OFFLINE=1 uses the cache',
+        f'predictor = Predictor.load("{repo_id}")  # or "{repo_id}@<revision>"; offline: HF_HUB_OFFLINE=1',
         "```",
         "",
         "## Citation",
@@ -238,7 +238,7 @@ def build_model_card(state: dict, cfg: Config, repo_id: str, run_dir: str | Path
 
 
 def upload_adapter(folder: str | Path, repo_id: str, *, revision: str = "main", private: bool = False) -> str:
-    """Create `repo_id` if needed (and the branch `revision`), upload `folder` as one commit; returns its URL."""
+    """Create `repo_id` if needed (and the branch `revision`), upload `folder` as one commit; its URL."""
     from huggingface_hub import HfApi
 
     api = HfApi()

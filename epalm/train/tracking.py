@@ -84,15 +84,15 @@ def truncate_metrics(path: Path, step: int) -> int:
 
 
 class WandbSink:
-    """One W&B run per training run, rank 0 only: its id is the run's `run_id` (kept in every checkpoint) and it
-    is opened with resume="allow", so a resumed or requeued run continues it (mode, entity, key: W&B's WANDB_*).
+    """One W&B run per training run, rank 0 only: its id is the run's `run_id` (kept in every checkpoint),
+    opened with resume="allow", so a resumed or requeued run continues it (mode, entity, key: W&B's WANDB_*).
 
     A step's records (train metrics, then evaluation) go out as one committed row at `flush`. W&B history is
     append-only (no purge_step as TensorBoard has), so a resumed run does not send again the steps an earlier
-    attempt handed over (the last one is in tracker.json): a step appears once. A kill -9 loses what W&B had not
-    yet written (its offline file is flushed every WANDB__TRANSACTION_LOG_FLUSH_INTERVAL seconds, 15 by default);
-    those steps stay missing rather than appear twice. A record for a step already sent by this process (the
-    final test evaluation) goes into the run summary.
+    attempt handed over (the last one is in tracker.json): a step appears once. A kill -9 loses what W&B had
+    not yet written (its offline file is flushed every WANDB__TRANSACTION_LOG_FLUSH_INTERVAL seconds, 15 by
+    default); those steps stay missing rather than appear twice. A record for a step already sent by this
+    process (the final test evaluation) goes into the run summary.
     """
 
     def __init__(self, run_dir: Path, run_id: str, project: str, config: dict):
