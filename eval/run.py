@@ -44,7 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=HelpFormatter,
     )
     p.add_argument(
-        "--adapter", required=True, type=Path, help="adapter export dir (adapter.safetensors + config.yaml)"
+        "--adapter",
+        required=True,
+        type=Path,
+        help="adapter export directory (adapter.safetensors + config.yaml), or a Hub id org/name[@revision]",
     )
     p.add_argument("--shards", required=True, help="one split's shard dir or URL (with manifest.json)")
     p.add_argument(
@@ -146,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--shards {args.shards}: {e}")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         return fail(f"--out {args.out}: exists and is not a directory")
+    if (
+        args.out is None and not args.adapter.is_dir()
+    ):  # a Hub id: <adapter>/eval would be a relative org/name
+        return fail(f"--adapter {args.adapter} is not a local directory (a Hub id?): give --out")
     info = get_dist_info()
     if info.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # gloo handles the CPU object gather and CUDA all_reduce alike

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         type=Path,
         default=unset,
-        help="adapter export dir (adapter.safetensors + config.yaml)",
+        help="adapter export directory (adapter.safetensors + config.yaml), or a Hub id org/name[@revision]",
     )
     media = p.add_mutually_exclusive_group(required=True)
     media.add_argument("--image", type=Path, default=unset, help="any file PIL reads")
