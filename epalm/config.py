@@ -114,7 +114,12 @@ class DataConfig:
     use_features: bool = False  # read pre-computed encoder states instead of media (no encoder built)
     num_workers: int = 2  # DataLoader worker processes per rank
     unsafe_members: Literal["error", "skip"] = "error"  # a non-SAFE_EXTENSIONS member: stop, or drop it
-    retries: int = 3  # retries of a failing remote shard or manifest (backoff 0.5 s, 1 s, 2 s, ...)
+    # remote shards (docs/loader.md): every read is bounded, and a failing one retried with backoff (0.5 s,
+    # 1 s, 2 s, ... at most 10 s) for retry_budget_s, which rides through a server restart of a minute
+    retries: int | None = None  # at most this many retries in a row as well (None: the budget alone decides)
+    retry_budget_s: float = 120.0  # seconds a failing read is retried, from its first failure
+    read_timeout_s: float = 60.0  # a read that gets no byte for this long has stalled: it fails, is retried
+    connect_timeout_s: float = 30.0  # a connection not made in this long fails (and is retried)
     cache_dir: str | None = None  # keep a local copy of every remote shard here; later epochs read it
     max_skip_fraction: float = 0.05  # stop past this share of a worker's epoch skipped as bad samples
     verify_checksums: bool = False  # check each local shard's sha256 against the manifest before training
@@ -148,6 +153,13 @@ class TrainConfig:
     # or requeued run continues the same W&B run and sends no step twice (docs/training.md)
     tracker: Literal["none", "wandb"] = "none"
     wandb_project: str = "epalm"  # the W&B project (entity: WANDB_ENTITY); the W&B run id is the run's run_id
+    # a step whose loss or gradient is NaN/inf on any rank is skipped (no update, logged with its samples);
+    # this many such steps in a row stop the run with exit 1 (docs/training.md, "Non-finite steps")
+    max_nonfinite_steps: int = 3
+    # a collective (all-reduce, barrier) waiting longer than this fails the job: a rank stopped or was lost
+    collective_timeout_s: float = 600.0
+    # after this long without a step: "no step for N s on rank R", naming ranks that show no sign of life; 0: off
+    watchdog_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -394,6 +406,12 @@ def validate(cfg: Config, ok: Callable[..., bool] = lambda *paths: True) -> list
     for name in ("lr", "prompt_lr", "warmup_lr", "min_lr"):
         if ok(f"train.{name}") and getattr(t, name) < 0:
             problems.append(f"train.{name}: must be >= 0")
+    if ok("train.max_nonfinite_steps") and t.max_nonfinite_steps < 1:
+        problems.append(f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")
+    if ok("train.collective_timeout_s") and not t.collective_timeout_s > 0:
+        problems.append(f"train.collective_timeout_s: must be positive, got {t.collective_timeout_s}")
+    if ok("train.watchdog_s") and t.watchdog_s < 0:
+        problems.append(f"train.watchdog_s: must be >= 0 (0 disables), got {t.watchdog_s}")
     if ok("eval.num_beams") and cfg.eval.num_beams < 1:
         problems.append(f"eval.num_beams: must be >= 1, got {cfg.eval.num_beams}")
     e = cfg.eval
@@ -407,11 +425,39 @@ def validate(cfg: Config, ok: Callable[..., bool] = lambda *paths: True) -> list
         problems.append(
             f"eval: need temperature > 0, top_k >= 0, 0 < top_p <= 1 (got {e.temperature}, {e.top_k}, {e.top_p})"
         )
+    data = cfg.data
+    for name in ("read_timeout_s", "connect_timeout_s"):
+        if ok(f"data.{name}") and not getattr(data, name) > 0:
+            problems.append(f"data.{name}: must be positive, got {getattr(data, name)}")
+    if ok("data.retry_budget_s") and data.retry_budget_s < 0:
+        problems.append(f"data.retry_budget_s: must be >= 0, got {data.retry_budget_s}")
+    if ok("data.retries") and data.retries is not None and data.retries < 0:
+        problems.append(f"data.retries: must be >= 0 or null (the budget alone decides), got {data.retries}")
     if ok("data.train"):
         for i, d in enumerate(cfg.data.train):
             if d.weight <= 0:
                 problems.append(f"data.train[{i}].weight: must be positive, got {d.weight}")
     return problems
+
+
+def batch_check(world_size: int) -> Check:
+    """The batch arithmetic on `world_size` ranks as a `build_config` check, so a global batch that does not
+    divide is reported with every other problem of the config (the launcher's world size is known first)."""
+
+    def check(cfg: Config, ok: Callable[..., bool]) -> list[str]:
+        t = cfg.train
+        if (
+            not ok("train.global_batch_size", "train.micro_batch_size")
+            or min(t.global_batch_size, t.micro_batch_size) <= 0
+        ):
+            return []  # reported already
+        try:
+            gradient_accumulation_steps(t, world_size)
+        except ConfigError as e:
+            return e.problems
+        return []
+
+    return check
 
 
 def gradient_accumulation_steps(train: TrainConfig, world_size: int) -> int:

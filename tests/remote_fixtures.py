@@ -20,14 +20,18 @@ from pathlib import Path
 
 
 class ShardServer:
-    """Serves `root` on http://127.0.0.1:PORT/. Faults per file name: `fail[name] = n` answers 500 n times;
-    `truncate[name] = k` sends the full Content-Length but only k bytes, then drops the connection."""
+    """Serves `root` on http://127.0.0.1:PORT/ (`port` 0: a free one). Faults per file name: `fail[name] = n`
+    answers 500 n times; `truncate[name] = k` sends the full Content-Length but only k bytes, then drops the
+    connection; `stall[name] = k` accepts and sends nothing (k None) or headers and k bytes, then keeps the
+    connection open sending nothing until the server stops (a hung proxy, a stuck object store)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, port: int = 0) -> None:
         self.root = Path(root)
         self.fail: Counter = Counter()
         self.truncate: dict[str, int] = {}
+        self.stall: dict[str, int | None] = {}
         self.requests: Counter = Counter()
+        self.stopping = threading.Event()
         server = self
 
         class Handler(SimpleHTTPRequestHandler):
@@ -41,6 +45,9 @@ class ShardServer:
                     server.fail[name] -= 1
                     self.send_error(500, "injected fault")
                     return
+                if name in server.stall:
+                    self.stall_after(name, server.stall[name])
+                    return
                 if name in server.truncate and (server.root / name).is_file():
                     data = (server.root / name).read_bytes()
                     self.send_response(200)
@@ -53,7 +60,18 @@ class ShardServer:
                     return
                 super().do_GET()
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+            def stall_after(self, name: str, sent: int | None) -> None:
+                if sent is not None:
+                    data = (server.root / name).read_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[:sent])
+                    self.wfile.flush()
+                server.stopping.wait(120)  # the client must give up first
+                self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Handler, directory=str(root)))
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -66,6 +84,7 @@ class ShardServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(5)

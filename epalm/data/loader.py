@@ -45,7 +45,7 @@ def _plan(
     spec: DatasetSpec, index: int, tokenizer: PreTrainedTokenizerBase, train: bool, settings: LoaderSettings
 ) -> DatasetPlan:
     s = settings
-    manifest, shards = load_manifest(spec.path, s.retries)
+    manifest, shards = load_manifest(spec.path, s.read_limits)
     shards = replace(shards, cache_dir=s.cache_dir if shard_location(spec.path) != "local" else None)
     check_shards(
         shards, s.verify_checksums

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from epalm.data import schema
+from epalm.data.remote_read import ReadLimits
 from epalm.data.stream import UNSAFE_POLICIES
 from epalm.data.transforms import Normalization
 
@@ -72,7 +73,10 @@ class LoaderSettings:
     batches_per_epoch: int | None = None  # default: the sum of the datasets' own batch counts
     # reading (docs/loader.md)
     unsafe_members: str = "error"
-    retries: int = 3
+    retries: int | None = None  # remote reads: at most this many retries in a row (None: the budget decides)
+    retry_budget_s: float = 120.0
+    read_timeout_s: float = 60.0
+    connect_timeout_s: float = 30.0
     cache_dir: str | None = None
     max_skip_fraction: float = 0.0
     verify_checksums: bool = False
@@ -90,8 +94,12 @@ class LoaderSettings:
             raise ValueError(f"unsafe_members must be one of {UNSAFE_POLICIES}, got {self.unsafe_members!r}")
         if not 0 <= self.max_skip_fraction < 1:
             raise ValueError(f"max_skip_fraction must be in [0, 1), got {self.max_skip_fraction}")
-        if self.retries < 0:
-            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        self.read_limits  # noqa: B018 (checks the timeouts and retries)
+
+    @property
+    def read_limits(self) -> ReadLimits:
+        """Timeouts and retries of every remote read (epalm.data.remote_read)."""
+        return ReadLimits(self.connect_timeout_s, self.read_timeout_s, self.retry_budget_s, self.retries)
 
     @classmethod
     def from_config(
@@ -111,6 +119,9 @@ class LoaderSettings:
             double_question_mark=m.double_question_mark,
             unsafe_members=d.unsafe_members,
             retries=d.retries,
+            retry_budget_s=d.retry_budget_s,
+            read_timeout_s=d.read_timeout_s,
+            connect_timeout_s=d.connect_timeout_s,
             cache_dir=d.cache_dir,
             max_skip_fraction=d.max_skip_fraction,
             verify_checksums=d.verify_checksums,

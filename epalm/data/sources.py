@@ -1,10 +1,13 @@
 """Where shards live: a local directory, an http(s):// base URL, an fsspec URL (s3://, gs://, hf://...) or a
-`pipe:` command template; member URLs, streams opened with webdataset's `gopen`, retries, the local cache.
+`pipe:` command template; member URLs, opening streams, retries, the local cache.
 
-Streams come from `webdataset.gopen` (its `Pipe` for `pipe:` commands and curl; fsspec is registered into
-its scheme table for the object stores webdataset itself does not handle). HTTP goes through `pipe:curl`
-without curl's own retries, so that `data.retries` alone decides how often a shard is tried. The cache is
-webdataset's `FileCache`, with the size recorded in the manifest checked before a cached copy is used.
+HTTP is read by `curl` (our connect timeout, and `--speed-time` so that an orphaned curl ends too) and
+`pipe:` commands by the shell, both through `epalm.data.remote_read`'s bounded process reader; webdataset's
+`gopen` still opens the schemes it has commands for (gs://, hf://...), read through the same reader, and
+fsspec the other protocols. A failing read is retried with backoff for `ReadLimits.retry_budget_s` seconds
+(enough to ride through a server restart), at most `retries` times in a row when that is set. The cache
+copies each remote shard through the same bounded streams (webdataset's `FileCache`, used before,
+downloads without a read timeout).
 """
 
 from __future__ import annotations
@@ -15,14 +18,21 @@ import logging
 import os
 import re
 import shlex
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 from urllib.parse import quote, urlparse
 
-from webdataset.cache import FileCache
-
+from epalm.data.remote_read import (
+    CHUNK,
+    DEFAULT_LIMITS,
+    ProcessSource,
+    ReadLimits,
+    RemoteStream,
+    ThreadSource,
+)
 from epalm.locations import shard_location
 
 # the module: the package's `webdataset.gopen` attribute is the function of the same name
@@ -64,46 +74,77 @@ def member_url(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> IO[bytes]:
-    import fsspec
+def _spawn(cmd: list[str] | str, what: str, limits: ReadLimits) -> RemoteStream:
+    shell = isinstance(cmd, str)  # a `pipe:` command line; curl is run directly, its stderr kept
+    proc = subprocess.Popen(
+        cmd,
+        shell=shell,
+        stdout=subprocess.PIPE,
+        stderr=None if shell else subprocess.PIPE,
+        start_new_session=True,
+    )
+    return RemoteStream(ProcessSource(proc, what, limits.read_timeout_s, own_group=True), CHUNK)
 
-    return fsspec.open(url, mode).open()
+
+def curl_command(url: str, limits: ReadLimits) -> list[str]:
+    """curl without retries of its own (ours decide), failing on HTTP errors, with both timeouts; unbuffered
+    (-N), so the bytes a stall report counts are those that arrived."""
+    ct, rt = f"{limits.connect_timeout_s:g}", f"{max(1, round(limits.read_timeout_s))}"
+    return [
+        "curl",
+        "-f",
+        "-s",
+        "-S",
+        "-L",
+        "-N",
+        "--connect-timeout",
+        ct,
+        "--speed-limit",
+        "1",
+        "--speed-time",
+        rt,
+        url,
+    ]
 
 
-def _register_fsspec(scheme: str) -> None:
-    """webdataset's gopen has no handler for s3:// and other fsspec protocols: hand those to fsspec."""
-    if scheme not in wds_gopen.gopen_schemes:
-        wds_gopen.gopen_schemes[scheme] = _gopen_fsspec
-
-
-def gopen_url(url: str) -> str:
-    """What `webdataset.gopen` is given for `url`: HTTP as a `pipe:curl` with no retries of its own."""
+def open_stream(url: str, limits: ReadLimits = DEFAULT_LIMITS) -> IO[bytes]:
+    """A readable stream of `url`: a plain file when local, else a `RemoteStream` whose reads are bounded."""
     kind = shard_location(url)
-    if kind == "http":
-        return "pipe:curl -f -s -S -L --connect-timeout 30 " + shlex.quote(url)
-    if kind == "fsspec":
-        _register_fsspec(urlparse(url).scheme)
     if kind == "local":
-        return re.sub(r"^file://", "", url)
-    return url
+        return open(re.sub(r"^file://", "", url), "rb")  # noqa: SIM115 (the caller closes it)
+    if kind == "http":
+        return _spawn(curl_command(url, limits), "curl", limits)
+    if kind == "pipe":
+        return _spawn(url[len("pipe:") :], url, limits)
+    scheme = urlparse(url).scheme
+    if scheme in wds_gopen.gopen_schemes:  # gs://, hf://, ...: webdataset's own opener (a command)
+        pipe = wds_gopen.gopen(url, "rb")
+        if isinstance(pipe, wds_gopen.Pipe):
+            wds_gopen.set_options(pipe, ignore_errors=True)  # its exit status is ours to check
+            return RemoteStream(ProcessSource(pipe.proc, url, limits.read_timeout_s, own_group=False), CHUNK)
+        return RemoteStream(ThreadSource(lambda: pipe, limits.read_timeout_s), CHUNK)
 
+    def opener() -> IO[bytes]:
+        import fsspec
 
-def open_stream(url: str) -> IO[bytes]:
-    return wds_gopen.gopen(gopen_url(url), "rb")
+        return fsspec.open(url, "rb").open()
+
+    return RemoteStream(ThreadSource(opener, limits.read_timeout_s), CHUNK)
 
 
 def close_stream(stream: IO[bytes], ok: bool) -> None:
-    """Close; a subprocess's exit status raises only if we read to the end (`ok`), not when we stopped early."""
-    if not ok:
-        wds_gopen.set_options(stream, ignore_errors=True)
-    stream.close()
+    """Close; a reader's exit status counts only if we read to the end (`ok`), not when we stopped early."""
+    if isinstance(stream, RemoteStream):
+        stream.finish(ok)
+    else:
+        stream.close()
 
 
-def read_bytes(url: str, retries: int = 0) -> bytes:
+def read_bytes(url: str, limits: ReadLimits = DEFAULT_LIMITS) -> bytes:
     """The whole file at `url` (the manifest), with retries for remote kinds."""
 
     def attempt() -> bytes:
-        stream = open_stream(url)
+        stream = open_stream(url, limits)
         try:
             data = stream.read()
         except BaseException:
@@ -114,48 +155,63 @@ def read_bytes(url: str, retries: int = 0) -> bytes:
 
     if shard_location(url) == "local":
         return attempt()
-    return with_retries(attempt, retries, url)
+    return with_retries(attempt, limits, url)
 
 
-def backoff(attempt: int) -> float:
-    return min(0.5 * 2**attempt, 30.0)
+def permanent(error: OSError) -> bool:
+    """An HTTP answer no retry changes (404, 403, ...; not 408 or 429): a wrong URL fails at once."""
+    code = re.search(r"returned error: (4\d\d)", str(error))
+    return code is not None and code.group(1) not in ("408", "429")
 
 
-def with_retries(fn: Callable[[], bytes], retries: int, what: str) -> bytes:
-    for attempt in range(retries + 1):
+def with_retries(fn: Callable[[], bytes], limits: ReadLimits, what: str) -> bytes:
+    """`fn()`, retried within `limits` (not after a permanent HTTP error)."""
+    failures, since = 0, 0.0
+    while True:
         try:
             return fn()
         except OSError as e:
-            if attempt == retries:
-                raise OSError(f"{what}: {e} (after {retries + 1} tries)") from e
-            log.warning("%s: %s; retry %d of %d", what, e, attempt + 1, retries)
-            time.sleep(backoff(attempt))
-    raise AssertionError("unreachable")
+            failures += 1
+            since = since or time.monotonic()
+            wait = None if permanent(e) else limits.delay(failures, since)
+            if wait is None:
+                raise OSError(f"{what}: {e} (after {failures} tries)") from e
+            log.warning("%s: %s; %s", what, e, limits.describe(failures))
+            time.sleep(wait)
 
 
 class ShardCache:
-    """Keeps a local copy of each remote shard under `cache_dir` (webdataset's FileCache downloads it)."""
+    """Keeps a local copy of each remote shard under `cache_dir`, downloaded through the bounded streams."""
 
-    def __init__(self, cache_dir: str) -> None:
+    def __init__(self, cache_dir: str, limits: ReadLimits = DEFAULT_LIMITS) -> None:
         os.makedirs(cache_dir, exist_ok=True)
-        self._names: dict[str, str] = {}
-        self.cache = FileCache(cache_dir, url_to_name=self._names.__getitem__)
-        self.cache_dir = cache_dir
+        self.cache_dir, self.limits = cache_dir, limits
 
     def local_copy(self, url: str, size: int | None) -> str:
         """Path of the cached copy of `url`, downloaded if absent or of the wrong size."""
         digest = hashlib.sha1(url.encode()).hexdigest()[:12]
-        opened = gopen_url(url)
-        self._names[opened] = f"{digest}-{Path(urlparse(url).path).name or 'shard'}"
-        path = os.path.join(self.cache_dir, self._names[opened])
+        path = os.path.join(self.cache_dir, f"{digest}-{Path(urlparse(url).path).name or 'shard'}")
         if size is not None and os.path.exists(path) and os.path.getsize(path) != size:
             log.warning("%s: cached copy has the wrong size, downloading again", path)
             os.remove(path)
-        got = self.cache.get_file(opened)
-        if size is not None and os.path.getsize(got) != size:
-            os.remove(got)
-            raise OSError(f"{url}: downloaded {os.path.getsize(got)} bytes, the manifest says {size}")
-        return got
+        if not os.path.exists(path):
+            tmp = f"{path}.tmp{os.getpid()}"
+            stream, ok = open_stream(url, self.limits), False
+            try:
+                with open(tmp, "wb") as f:
+                    while data := stream.read(CHUNK):
+                        f.write(data)
+                ok = True
+            finally:
+                close_stream(stream, ok)
+                if not ok and os.path.exists(tmp):
+                    os.remove(tmp)
+            os.replace(tmp, path)
+        if size is not None and os.path.getsize(path) != size:
+            got = os.path.getsize(path)
+            os.remove(path)
+            raise OSError(f"{url}: downloaded {got} bytes, the manifest says {size}")
+        return path
 
 
 def display_name(base: str) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from webdataset.tariterators import tar_file_iterator
 
 from epalm.data import schema, sources
+from epalm.data.remote_read import DEFAULT_LIMITS, ReadLimits
 from epalm.data.sources import ShardCache, ShardReadError
 from epalm.digest import file_sha256
 from epalm.locations import shard_location
@@ -51,7 +52,7 @@ class ShardList:
     counts: tuple[int, ...]
     sizes: tuple[int | None, ...] = ()
     sha256: tuple[str | None, ...] = ()
-    retries: int = 3
+    limits: ReadLimits = DEFAULT_LIMITS  # timeouts and retries of remote reads
     cache_dir: str | None = None
 
     @property
@@ -65,14 +66,14 @@ class ShardList:
         return self.sizes[shard] if self.sizes else None
 
 
-def load_manifest(root: str | os.PathLike, retries: int = 3) -> tuple[dict, ShardList]:
+def load_manifest(root: str | os.PathLike, limits: ReadLimits = DEFAULT_LIMITS) -> tuple[dict, ShardList]:
     """Read `<root>/manifest.json` (any kind of path) and check that its shard counts add up to `num_samples`."""
     root = str(root)
     url = sources.member_url(root, schema.MANIFEST)
     if shard_location(root) == "local" and not os.path.isfile(url):
         raise FileNotFoundError(f"no {schema.MANIFEST} in {root}")
     try:
-        text = sources.read_bytes(url, retries)
+        text = sources.read_bytes(url, limits)
     except OSError as e:
         raise FileNotFoundError(f"{url}: cannot read the manifest: {e}") from e
     try:
@@ -89,7 +90,7 @@ def load_manifest(root: str | os.PathLike, retries: int = 3) -> tuple[dict, Shar
         raise ValueError(f"{url}: not a shard manifest ({type(e).__name__}: {e})") from e
     if sum(counts) != total:
         raise ValueError(f"{url}: shard counts sum to {sum(counts)}, num_samples is {total}")
-    return manifest, ShardList(root, names, counts, sizes, sha, retries)
+    return manifest, ShardList(root, names, counts, sizes, sha, limits)
 
 
 def check_shards(shards: ShardList, verify_checksums: bool = False) -> None:
@@ -268,10 +269,10 @@ def _seek_to(f, url: str, start: int, sel: _Selector) -> None:
     raise ValueError(f"{url}: has {sel.index + 1} samples, fewer than {start + 1}")
 
 
-def _read_once(url, local, cache, size, first, count, start, wanted, skip, unsafe):
+def _read_once(url, local, cache, size, first, count, start, wanted, skip, unsafe, limits):
     """(index in shard, sample) for samples start..first+count-1 of one tar, read once from its start."""
     path = cache.local_copy(url, size) if cache is not None and not local else url
-    stream = sources.open_stream(path)
+    stream = sources.open_stream(path, limits)
     sel, ok = _Selector(url, first, count, start, wanted, skip, unsafe), False
     pending: dict[int, RawSample] = {}
     emit = start
@@ -314,17 +315,16 @@ def iter_shard(
 ) -> Iterator[tuple[int, RawSample]]:
     """(index in range, sample) for samples first..first+count-1 of one shard, with retries for remote ones.
 
-    A failed read is retried from the first sample not yet handed out; ShardReadError after the last try.
+    A failed read (a stall included) is retried from the first sample not yet handed out, within
+    `shards.limits`; failures count from the last one after which a sample arrived. ShardReadError at the end.
     """
-    url = shards.url(shard)
+    url, limits = shards.url(shard), shards.limits
     local = shard_location(shards.root) == "local"
-    retries = 0 if local else shards.retries
-    done, tries = first, 0
+    done, failures, since, failed_at = first, 0, 0.0, -1
     while True:
-        tries += 1
         try:
             for index, sample in _read_once(
-                url, local, cache, shards.size(shard), first, count, done, wanted, skip, unsafe
+                url, local, cache, shards.size(shard), first, count, done, wanted, skip, unsafe, limits
             ):
                 yield index - first, sample
                 done = index + 1
@@ -334,10 +334,14 @@ def iter_shard(
         except READ_ERRORS as e:
             if done >= first + count:
                 return  # every sample arrived whole; only the reader's exit status or the tail failed
-            if tries > retries:
-                raise ShardReadError(url, done, e, tries) from e
-            log.warning("%s: %s at sample %d; retry %d of %d", url, e, done, tries, retries)
-            time.sleep(sources.backoff(tries - 1))
+            if done != failed_at:  # progress since the last failure: a new run of failures
+                failures, since, failed_at = 0, time.monotonic(), done
+            failures += 1
+            wait = None if local else limits.delay(failures, since)
+            if wait is None:
+                raise ShardReadError(url, done, e, failures) from e
+            log.warning("%s: %s at sample %d; %s", url, e, done, limits.describe(failures))
+            time.sleep(wait)
 
 
 def iter_range(
@@ -354,7 +358,7 @@ def iter_range(
     `problem` set, so the caller can count them and the numbering stays the same.
     """
     base = 0
-    cache = ShardCache(shards.cache_dir) if shards.cache_dir else None
+    cache = ShardCache(shards.cache_dir, shards.limits) if shards.cache_dir else None
     for shard, first, count in pieces:
         got = -1
         try:
