@@ -164,13 +164,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m epalm.cli.infer", description=__doc__, formatter_class=HelpFormatter
     )
     unset = argparse.SUPPRESS  # no "(default: None)" in --help where there is none to show
-    p.add_argument(
-        "--adapter",
-        required=True,
-        type=Path,
-        default=unset,
-        help="adapter export directory, or a Hub id org/name[@revision]",
-    )
+    adapter_help = "adapter export directory, or a Hub id org/name[@revision]"
+    p.add_argument("--adapter", required=True, type=Path, default=unset, help=adapter_help)
     p.add_argument("--inputs", required=True, default=unset, help="a folder, a quoted glob or a .jsonl file")
     p.add_argument(
         "--out", required=True, type=Path, default=unset, help="JSONL to write (appended to on a rerun)"
