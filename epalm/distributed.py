@@ -54,13 +54,16 @@ def slurm_env_exports(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return {"RANK": str(info.rank), "LOCAL_RANK": str(info.local_rank), "WORLD_SIZE": str(info.world_size)}
 
 
-def init_distributed(timeout_minutes: int | None = None) -> DistInfo:
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """Join the process group (gloo on CPU, nccl on CUDA) under any supported launcher; idempotent.
 
     DeepSpeed reads RANK/WORLD_SIZE, or discovers them through mpi4py under mpirun; SLURM's are exported
-    first. A single process without any launcher gets a world of one on a free local port.
+    first. A single process without any launcher gets a world of one on a free local port. `timeout_s` bounds
+    every collective (torch's default is 30 minutes): a rank that stopped fails the job after that long
+    instead of holding every other rank (gloo raises in the waiting collective; NCCL's watchdog aborts).
     """
     import datetime
+    import importlib
 
     import deepspeed
     import torch.distributed as dist
@@ -74,8 +77,12 @@ def init_distributed(timeout_minutes: int | None = None) -> DistInfo:
     if not dist.is_initialized():
         # DeepSpeed's MPI discovery would otherwise pin 29500, so two mpirun jobs on one host collide
         kwargs = {"distributed_port": int(os.environ.get("MASTER_PORT", 29500))}
-        if timeout_minutes is not None:
-            kwargs["timeout"] = datetime.timedelta(minutes=timeout_minutes)
+        if timeout_s is not None:
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+            # the groups made later (DeepSpeed's data-parallel ones: `new_group` without a timeout) take torch's
+            # module default, 30 min for gloo, 10 for NCCL; torch has no setter for it, so it is set here
+            c10d = importlib.import_module("torch.distributed.distributed_c10d")
+            c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = kwargs["timeout"]
         with without_cpu_shm_op():
             deepspeed.init_distributed(**kwargs)
     # MPI discovery sets RANK/LOCAL_RANK/WORLD_SIZE itself; read back what the group says.

@@ -4,10 +4,11 @@
         --config launch/configs/image/vqa_v2.yaml [--resume auto|PATH] [--precision bf16] [key=value ...]
 
 Also runs under `torchrun --nproc_per_node N`, `mpirun -np N python` and `srun python` (one task per GPU).
-Exit codes: 0 done, 2 bad configuration or the run directory in use by another job (nothing trained),
-75 stopped by SIGTERM/SIGUSR1 after a checkpoint (requeue and start again with --resume auto). To get 75
-from the outermost process whichever process of the launch tree is signalled, start the launcher under
-launch/supervise.py. The trainer itself is epalm/cli/train.py (also installed as `epalm-train`).
+Exit codes: 0 done, 1 failed (e.g. NaN/inf steps in a row), 2 bad configuration, a run directory that holds
+a run (pass --resume auto, or --move-aside) or one in use by another job (nothing trained), 75 stopped by
+SIGTERM/SIGUSR1 or its launcher's death, after a checkpoint (requeue and start again with --resume auto).
+To get 75 from the outermost process whichever process of the launch tree is signalled, start the launcher
+under launch/supervise.py. The trainer itself is epalm/cli/train.py (also installed as `epalm-train`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ can import it.
 
     run_dir/
       config.yaml  ds_config.json  metrics.jsonl  tb/  summary.json  report.md  loss.png  eval_metric.png
-      adapter/     best/  best.json  eval/scores.json  run.lock  stopped_by_signal.json
+      adapter/     best/  best.json  eval/scores.json  run.lock  run.json  stopped_by_signal.json  heartbeat/
       tracker.json  wandb/   (with train.tracker: wandb; wandb/ is W&B's own directory)
       checkpoints/latest  checkpoints/step_00000040/...  checkpoints/set_aside/
 """
@@ -26,6 +26,9 @@ SCORES = "scores.json"  # in every evaluation output directory
 LOCK = "run.lock"
 STOPPED = "stopped_by_signal.json"  # for launchers that do not pass the exit code on (torchrun)
 TRACKER = "tracker.json"  # the external tracker's run id and the last step handed to it (never sent twice)
+LINEAGE = "run.json"  # {"run_id": ...}: the run this directory holds; `--resume auto` takes only its checkpoints
+HEARTBEATS = "heartbeat"  # rank-NNNNN.json per rank: its step, phase and last sign of life (the watchdog's)
+MOVED_ASIDE = "{name}.moved-{stamp}"  # beside run_dir: where --move-aside puts the run a fresh start found
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # a file holding the tag of the newest complete checkpoint (same format as DeepSpeed's)

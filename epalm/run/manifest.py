@@ -1,7 +1,8 @@
 """What a complete checkpoint holds: a manifest of every file's size and SHA-256, written last at save time,
 and `verify_checkpoint`, which lists what is wrong with a step directory (missing, truncated, altered,
-unreadable files) before anything is loaded from it. hashlib does the hashing; no library checks a
-directory against a manifest in a way we could use (DeepSpeed verifies nothing on load)."""
+unreadable files, an adapter with NaN/inf values) before anything is loaded from it. hashlib does the
+hashing; no library checks a directory against a manifest in a way we could use (DeepSpeed verifies
+nothing on load)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import zipfile
 from pathlib import Path
 
 from epalm.digest import file_sha256
+from epalm.run.layout import ADAPTER, ADAPTER_WEIGHTS, TRAINER_STATE
 from epalm.run.layout import CHECKPOINT_MANIFEST as MANIFEST
-from epalm.run.layout import TRAINER_STATE
 
 
 def _files(step_dir: Path) -> list[Path]:
@@ -85,4 +86,21 @@ def verify_checkpoint(step_dir: str | Path, checksums: bool = True) -> list[str]
         read_trainer_state(step_dir)
     except ValueError as e:
         problems.append(str(e))
+    if not problems:
+        problems += nonfinite_adapter(step_dir / ADAPTER / ADAPTER_WEIGHTS)
     return list(dict.fromkeys(problems))
+
+
+def nonfinite_adapter(path: Path) -> list[str]:
+    """A problem naming `path` and its tensors holding NaN or inf ([] when all are finite, or no such file):
+    such a step must never be resumed from, whatever its manifest says."""
+    if not path.is_file():
+        return []
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        bad = [name for name, t in load_file(str(path)).items() if not torch.isfinite(t).all()]
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
+        return [f"{path}: unreadable ({e})"]
+    return [f"{path}: non-finite values (NaN/inf) in {', '.join(sorted(bad))}"] if bad else []

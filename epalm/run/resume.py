@@ -1,17 +1,36 @@
-"""Which checkpoint a run continues from: `--resume auto` takes the newest step that verifies (skipping and
-logging the others), an explicit step must verify; the chosen step becomes the head of the line (`latest`),
-and newer steps are moved aside to `checkpoints/set_aside/` so later saves can take their place."""
+"""Which checkpoint a run continues from: `--resume auto` takes the newest step of this run's lineage that
+verifies (skipping and logging the others), an explicit step must verify; the chosen step becomes the head of
+the line (`latest`), and newer steps are moved aside to `checkpoints/set_aside/` so later saves can take their
+place. A fresh start into a directory that holds a run is refused, or (`--move-aside`) moves that run away."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from epalm.config import ConfigError
 from epalm.distributed import DistInfo, broadcast_from_rank0
-from epalm.run.layout import CHECKPOINTS, LATEST, SET_ASIDE, TAG, TRAINER_STATE, tag_for
-from epalm.run.manifest import verify_checkpoint
+from epalm.run.layout import (
+    ADAPTER,
+    BEST,
+    CHECKPOINTS,
+    EVAL,
+    LATEST,
+    LINEAGE,
+    LOCK,
+    METRICS,
+    MOVED_ASIDE,
+    RUN_ID,
+    SET_ASIDE,
+    SUMMARY,
+    TAG,
+    TRAINER_STATE,
+    tag_for,
+)
+from epalm.run.manifest import read_trainer_state, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +48,20 @@ def read_latest(root: Path) -> str | None:
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
-def agreed_resume(resume: str | None, run_dir: str | Path, info: DistInfo) -> Path | None:
+def agreed_resume(
+    resume: str | None, run_dir: str | Path, info: DistInfo, move_aside: bool = False
+) -> Path | None:
     """`resolve_resume` on rank 0 (which holds the run lock, so it also makes the head), its answer on every
-    rank: one verification, and the same checkpoint, or the same ConfigError, everywhere."""
-    if resume is None:
-        return None
+    rank: one verification, and the same checkpoint, or the same ConfigError, everywhere. A fresh start
+    (`resume` None) goes through `fresh_start` the same way."""
     outcome: tuple[str | None, list[str]] = (None, [])
     if info.rank == 0:
         try:
-            path = resolve_resume(resume, run_dir, make_head=True)
+            if resume is None:
+                fresh_start(run_dir, move_aside)
+                path = None
+            else:
+                path = resolve_resume(resume, run_dir, make_head=True)
             outcome = (None if path is None else str(path), [])
         except ConfigError as e:
             outcome = (None, e.problems)
@@ -47,6 +71,71 @@ def agreed_resume(resume: str | None, run_dir: str | Path, info: DistInfo) -> Pa
     if problems:
         raise ConfigError(problems)
     return None if path is None else Path(path)
+
+
+def run_contents(run_dir: str | Path) -> list[str]:
+    """What in `run_dir` belongs to a run a fresh start would overwrite or mix with: checkpoints, logged
+    metrics, exports. The lock, config files and heartbeats alone (a start that trained nothing) do not count."""
+    run_dir, found = Path(run_dir), []
+    root = run_dir / CHECKPOINTS
+    steps = [int(TAG.match(p.name).group(1)) for p in committed_steps(root)]
+    if steps:
+        found.append(
+            f"{CHECKPOINTS}/ of step{'s' if len(steps) > 1 else ''} {', '.join(map(str, sorted(steps)))}"
+        )
+    elif (root / LATEST).is_file() or (root / SET_ASIDE).is_dir():
+        found.append(f"{CHECKPOINTS}/")
+    metrics = run_dir / METRICS
+    if metrics.is_file() and metrics.stat().st_size:
+        found.append(
+            f"{METRICS} ({sum(1 for line in metrics.read_text().splitlines() if line.strip())} rows)"
+        )
+    found += [f"{name}/" for name in (ADAPTER, BEST, EVAL) if (run_dir / name).is_dir()]
+    found += [name for name in (SUMMARY,) if (run_dir / name).is_file()]
+    return found
+
+
+def fresh_start(run_dir: str | Path, move_aside: bool) -> Path | None:
+    """Refuse (ConfigError) a fresh start into a directory holding a run, before anything is written; with
+    `move_aside` move that run to a sibling directory instead (returned), deleting nothing. Rank 0, holding
+    the run lock (which stays in place)."""
+    run_dir = Path(run_dir)
+    found = run_contents(run_dir)
+    if not found:
+        return None
+    if not move_aside:
+        raise ConfigError(
+            [
+                f"{run_dir} holds a run ({'; '.join(found)}): a fresh start would overwrite it and mix the two. "
+                f"Continue it with --resume auto, or start a new run here with --move-aside (moves the old one "
+                f"to {MOVED_ASIDE.format(name=run_dir.name, stamp='<time>')}/ beside it, deleting nothing), "
+                "or choose another run_dir"
+            ],
+            "run directory",
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = run_dir.with_name(MOVED_ASIDE.format(name=run_dir.name, stamp=stamp)), 1
+    while target.exists():
+        target, n = run_dir.with_name(MOVED_ASIDE.format(name=run_dir.name, stamp=f"{stamp}.{n}")), n + 1
+    target.mkdir()
+    for entry in sorted(run_dir.iterdir()):
+        if entry.name != LOCK:  # the lock this job holds stays: a second job must still find it here
+            os.replace(entry, target / entry.name)
+    log.warning("--move-aside: the run found in %s (%s) is now in %s", run_dir, "; ".join(found), target)
+    return target
+
+
+def lineage(run_dir: Path) -> str | None:
+    """The run id of the run `run_dir` holds: run.json's, else that of the step `latest` names; None if unknown."""
+    try:
+        return json.loads((run_dir / LINEAGE).read_text())[RUN_ID]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    latest = read_latest(run_dir / CHECKPOINTS)
+    try:
+        return read_trainer_state(run_dir / CHECKPOINTS / latest).get(RUN_ID) if latest else None
+    except ValueError:
+        return None
 
 
 def resolve_resume(resume: str | None, run_dir: str | Path, make_head: bool = False) -> Path | None:
@@ -90,9 +179,12 @@ def _newest_verified(root: Path, missing_ok: bool) -> Path | None:
         log.warning(
             "%s names %r, which does not exist: using the newest verified step", root / LATEST, latest
         )
-    skipped = []
+    skipped, run_id = [], lineage(root.parent)
     for step in steps:
         problems = verify_checkpoint(step)
+        theirs = None if problems else read_trainer_state(step).get(RUN_ID)
+        if run_id is not None and theirs is not None and theirs != run_id:
+            problems = [f"written by another run (run id {theirs}; this run is {run_id})"]
         if not problems:
             for name, why in skipped:
                 log.warning("resume: skipped %s: %s", name, "; ".join(why))

@@ -1,7 +1,8 @@
 """Everything a training run needs that can be built and checked before the model: the DeepSpeed config
 with our batch arithmetic, the optimizer choice, the tokenizer, the loaders (with feature fingerprints),
-the evaluation hook and the (verified) checkpoint to resume from. A problem here is a ConfigError, raised the same
-on every rank, so no rank waits for another that failed.
+the evaluation hook, the (verified) checkpoint to resume from and how the config changed since it; a fresh
+start into a directory holding a run is refused here. A problem here is a ConfigError, raised the same on
+every rank, so no rank waits for another that failed.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from epalm.config import Config, ConfigError
 from epalm.data import schema
 from epalm.data.loader import DatasetSpec, LoaderSettings, ResumableLoader, build_train_loader
 from epalm.data.text import build_tokenizer
-from epalm.distributed import DistInfo
+from epalm.distributed import DistInfo, broadcast_from_rank0
 from epalm.evaluation.hook import GenerationEval, build_generation_eval
+from epalm.run.manifest import read_trainer_state
 from epalm.run.resume import agreed_resume
+from epalm.run.resume_changes import ResumeChanges, check_resume_changes
 from epalm.train.ds_config import build_ds_config
 from epalm.train.optimizer import choose_optimizer
 
@@ -38,12 +41,21 @@ class TrainSetup:
     resume_from: Path | None
     run_dir: Path
     evaluation: GenerationEval | None = None  # the generation metric on data.val and/or the final test eval
+    resume_changes: ResumeChanges | None = None  # the config's differences from the checkpoint's
 
 
 def build_train_setup(
-    cfg: Config, ds_base: dict, info: DistInfo, resume: str | None, precision: str | None
+    cfg: Config,
+    ds_base: dict,
+    info: DistInfo,
+    resume: str | None,
+    precision: str | None,
+    move_aside: bool = False,
+    allow_inexact: bool = False,
 ) -> TrainSetup:
-    """Batch arithmetic, optimizer, shards, fingerprints, resume path; raises ConfigError."""
+    """Batch arithmetic, optimizer, shards, fingerprints, resume path and config changes; raises ConfigError.
+    `move_aside`: a fresh start moves a run found in run_dir aside; `allow_inexact`: apply config changes
+    that break the exact resume (epalm.run.resume_changes)."""
     cuda = torch.cuda.is_available()
     ds_config = build_ds_config(ds_base, cfg.train, info.world_size, precision, cuda)
     choose_optimizer(cfg.train.optimizer, cuda)
@@ -76,10 +88,28 @@ def build_train_setup(
     accum = ds_config["gradient_accumulation_steps"]
     total = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(loader) / accum)
     run_dir = Path(cfg.run_dir)
-    resume_from = agreed_resume(resume, run_dir, info)  # verified; a bad newest step is skipped
+    resume_from = agreed_resume(resume, run_dir, info, move_aside)  # verified; a bad newest step is skipped
+    changes = None if resume_from is None else agreed_changes(resume_from, cfg, info, allow_inexact)
     return TrainSetup(
-        cfg, info, ds_config, loader, val_loaders, tokenizer, total, resume_from, run_dir, evaluation
+        cfg, info, ds_config, loader, val_loaders, tokenizer, total, resume_from, run_dir, evaluation, changes
     )
+
+
+def agreed_changes(step_dir: Path, cfg: Config, info: DistInfo, allow_inexact: bool) -> ResumeChanges:
+    """Rank 0 compares (and logs), every rank gets its answer or the same ConfigError."""
+    outcome: tuple[ResumeChanges | None, list[str]] = (None, [])
+    if info.rank == 0:
+        try:
+            state = read_trainer_state(step_dir)
+            outcome = (check_resume_changes(step_dir, state, cfg, allow_inexact), [])
+        except ConfigError as e:
+            outcome = (None, e.problems)
+        except Exception as e:  # never leave the other ranks waiting in the broadcast
+            outcome = (None, [f"{step_dir}: {type(e).__name__}: {e}"])
+    changes, problems = broadcast_from_rank0(outcome, info)
+    if problems:
+        raise ConfigError(problems, "resume")
+    return changes
 
 
 def expected_fingerprint(cfg: Config) -> dict:

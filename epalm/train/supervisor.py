@@ -6,7 +6,8 @@ Why: the deepspeed runner dies of SIGTERM at once (143) and leaves the ranks tra
 handles SIGUSR1. No launcher option changes this (DeepSpeed forwards SIGTERM only in its multi-node pdsh
 mode), so the supervisor talks to the ranks directly: each rank (launch/train.py) registers its pid and,
 at the end, its exit code in `$EPALM_SUPERVISOR_DIR`. The supervisor is a child subreaper (Linux), so
-ranks orphaned by a launcher that died are re-parented to it and can still be waited for.
+ranks orphaned by a launcher that died are re-parented to it and can still be waited for. Without the
+supervisor, each rank still notices its launcher's death itself (`watch_launcher`) and stops as for SIGUSR1.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,14 +36,65 @@ _early_stop = False
 # --------------------------------------------------------------------------- the rank side (launch/train.py)
 
 
-def register_rank() -> None:
-    """Catch SIGTERM/SIGUSR1 from now on (until the trainer takes over) and tell the supervisor, if any."""
+def register_rank(launched: bool = True) -> None:
+    """Catch SIGTERM/SIGUSR1 from now on (until the trainer takes over), tell the supervisor, if any, and (a
+    rank a launcher started) stop as for a signal when that launcher dies: see `watch_launcher`."""
     for s in STOP_SIGNALS:
         signal.signal(s, _remember_stop)
     d = os.environ.get(SUPERVISOR_DIR)
     if d:
         with contextlib.suppress(OSError):  # another host's ranks see a directory that is not theirs
             Path(d, f"rank-{os.getpid()}").write_text(socket.gethostname())
+    if launched:
+        watch_launcher()
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def watch_launcher(poll_s: float = 1.0) -> threading.Thread | None:
+    """A daemon thread that sends this rank SIGUSR1 (checkpoint, exit 75) once its launcher is gone.
+
+    The launcher is the parent, and under the `deepspeed` runner also the runner above the per-node
+    `deepspeed.launcher.launch`: the runner dies of a SIGTERM at once (a container manager's stop, `kill`)
+    while launch.py and the ranks train on. A dead process's children are re-parented, so the watch compares
+    parent ids (Linux /proc; a polling thread rather than prctl(PR_SET_PDEATHSIG), which sees only the
+    parent *thread*, and only one level up).
+    """
+    parent = os.getppid()
+    chain = [(os.getpid(), parent)]
+    if "deepspeed.launcher.launch" in _cmdline(parent) and (runner := _parent_of(parent)) is not None:
+        chain.append((parent, runner))
+    if parent <= 1:
+        return None  # started by init (a daemon): no launcher to watch
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            gone = [
+                p for child, p in chain if (os.getppid() if child == os.getpid() else _parent_of(child)) != p
+            ]
+            if gone:
+                log.warning(
+                    "the launcher (pid %d) is gone: checkpointing and exiting as for SIGUSR1", gone[0]
+                )
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+
+    thread = threading.Thread(target=watch, name="epalm-launcher-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def _remember_stop(signum, frame) -> None:

@@ -4,6 +4,7 @@ into TensorBoard, a JSONL file and a tqdm bar (rank 0), and Weights & Biases wit
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -28,13 +29,27 @@ class Window:
     data_wait: float = 0.0
     # micro-batches per modality (equal on all ranks: the trainer checks each one)
     modalities: dict[str, int] = field(default_factory=dict)
+    # steps skipped for a NaN/inf loss or gradient (all ranks agree on them); their losses are not in `loss`
+    nonfinite_steps: int = 0
 
-    def add(self, loss: torch.Tensor, tokens: int, samples: int, modality: str | None = None) -> None:
-        self.losses.append(loss)  # kept as tensors: no device sync per micro-step
+    def add(self, loss: torch.Tensor | None, tokens: int, samples: int, modality: str | None = None) -> None:
+        if loss is not None:  # None: the micro-batch of a skipped (non-finite) step
+            self.losses.append(loss)  # kept as tensors: no device sync per micro-step
         self.tokens += tokens
         self.samples += samples
         if modality is not None:
             self.modalities[modality] = self.modalities.get(modality, 0) + 1
+
+    def add_step(
+        self, losses: list[torch.Tensor], batches: list[dict], skipped: bool, seconds: float
+    ) -> None:
+        """One optimizer step's micro-batches (a skipped step's data counts, its losses do not)."""
+        for loss, b in zip(losses, batches):
+            tokens, samples = int(b["attention_mask"].sum()), len(b["input_ids"])
+            self.add(None if skipped else loss, tokens, samples, b["modality"])
+        self.nonfinite_steps += skipped
+        self.steps += 1
+        self.time += seconds
 
     def reduce(self, world_size: int) -> dict[str, float]:
         loss_sum = torch.stack(self.losses).sum().cpu() if self.losses else torch.zeros(())
@@ -46,8 +61,9 @@ class Window:
         dist.all_reduce(sums)
         loss, micro, tokens, samples, wait = sums.tolist()
         elapsed = max(self.time, 1e-9)
-        return {
-            "loss": loss / max(micro, 1),
+        return {  # a window whose every step was skipped has no loss: NaN here, null in metrics.jsonl
+            "loss": loss / micro if micro else float("nan"),
+            "nonfinite_steps": float(self.nonfinite_steps),
             "samples_per_s": samples / elapsed,
             "tokens_per_s": tokens / elapsed,
             "step_time_s": elapsed / max(self.steps, 1),
@@ -161,7 +177,9 @@ class MetricWriter:
             return
         record = {"step": step, **metrics, **lrs}
         self._write(step, record)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{next(iter(lrs.values()), 0):.2e}")
+        loss = record["loss"]
+        loss = "n/a" if loss is None else f"{loss:.4f}"
+        self.bar.set_postfix(loss=loss, lr=f"{next(iter(lrs.values()), 0):.2e}")
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         if self.main and metrics:
@@ -169,13 +187,18 @@ class MetricWriter:
             self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def _write(self, step: int, record: dict) -> None:
+        # NaN/inf are not JSON: null, and the keys they were under, so every line parses
+        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        record.update(dict.fromkeys(bad))
+        if bad:
+            record["nonfinite"] = bad
         record["time"] = time.time()
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self.jsonl.flush()
         scalars = {
             key if "/" in key else f"train/{key}": value
             for key, value in record.items()
-            if key not in ("step", "time") and isinstance(value, int | float)
+            if key not in ("step", "time") and isinstance(value, int | float) and not isinstance(value, bool)
         }
         for key, value in scalars.items():
             self.tb.add_scalar(key, value, step)

@@ -3,11 +3,12 @@
 `epalm.train.setup` checks everything that can be checked before a model is built; `Trainer.fit` runs the
 steps. Generation metrics, the best adapter and the final test evaluation are the evaluation hook's
 (`epalm.evaluation.hook`), which sees the run through an `EvalContext` only.
-A SIGTERM or SIGUSR1 on any rank stops every rank after the current step with a checkpoint and exit_codes.REQUEUE.
+A SIGTERM or SIGUSR1 on any rank, even one waiting for data, stops every rank with a checkpoint and exit 75.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from epalm import exit_codes
+from epalm.atomic import write_text_atomic
 from epalm.config import save_config
-from epalm.data import schema
 from epalm.digest import state_digest
 from epalm.distributed import broadcast_from_rank0
 from epalm.evaluation.hook import EvalContext
@@ -29,10 +30,14 @@ from epalm.exit_codes import STOP_SIGNALS
 from epalm.run import checkpoint as ckpt
 from epalm.run import layout
 from epalm.run.adapter import save_adapter
+from epalm.run.resume_changes import apply_schedule
 from epalm.train.engine import Engine, build_engine, frozen_checksum, full_frozen_digest, gather_adapter_state
+from epalm.train.fetch import StepFetcher
+from epalm.train.nonfinite import NonFiniteGuard, require_finite, update_skipped
 from epalm.train.setup import TrainSetup
 from epalm.train.supervisor import stop_requested_early
 from epalm.train.tracking import MetricWriter, WandbSink, Window
+from epalm.train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +53,9 @@ class Trainer:
         self.step = 0
         self._saved_step = -1
         self._stop = False
-        self._iter = None
         self.device = self.ds.device
+        self.fetch = StepFetcher(setup.loader, self.device)
+        self.guard = NonFiniteGuard(engine, self.cfg.train.max_nonfinite_steps, self.rank)  # NaN/inf steps
         self.ckpt_root = setup.run_dir / layout.CHECKPOINTS
         self.evaluation = setup.evaluation
         self.eval_ctx = EvalContext(
@@ -60,7 +66,7 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
             zero_stage=engine.stage,
-            gather_adapter=lambda: gather_adapter_state(engine.model),
+            gather_adapter=lambda: require_finite(gather_adapter_state(engine.model), "best/: the adapter"),
         )
         self._val_start = setup.val_loaders[0].state_dict() if setup.val_loaders else None
 
@@ -77,6 +83,8 @@ class Trainer:
         run_id = None
         if p.resume_from is not None:
             state = ckpt.load_training_state(self.ds, p.resume_from, rank=self.rank)
+            if p.resume_changes is not None and p.resume_changes.fresh_loader:  # epalm.run.resume_changes
+                state["loader"] = p.loader.state_dict()
             if state.get("world_size") == self.world and state.get("frozen_checksum") != self.frozen_start:
                 raise RuntimeError(
                     f"{p.resume_from}: the frozen weights differ from the ones this checkpoint trained with"
@@ -91,8 +99,11 @@ class Trainer:
             for group, lr in zip(self.ds.optimizer.param_groups, self.engine.scheduler.get_last_lr()):
                 group["lr"] = lr
             log.info("resumed from %s at step %d", p.resume_from, self.step)
+            apply_schedule(self.ds.optimizer, self.engine.scheduler, self.cfg)  # this config's lrs, here
         # the run's id, made at a fresh start and kept in every checkpoint: a resumed run is the same run
         self.run_id = run_id or broadcast_from_rank0(uuid.uuid4().hex)
+        if self.main:  # the lineage `--resume auto` keeps to (epalm.run.resume)
+            write_text_atomic(p.run_dir / layout.LINEAGE, json.dumps({layout.RUN_ID: self.run_id}))
         wandb = None
         if self.main and self.cfg.train.tracker == "wandb":
             config = dataclasses.asdict(self.cfg)
@@ -105,19 +116,23 @@ class Trainer:
         """Train to total_steps; return 0, or exit_codes.REQUEUE after a signal-triggered checkpoint."""
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         self._stop = self._stop or stop_requested_early()  # a signal during the model build counts too
+        self.watchdog = Watchdog(self.setup.run_dir, self.rank, self.world, self.cfg.train)
         try:
             self._start()
             self.ds.train()
             window = Window()
             total = self.setup.total_steps
             while self.step < total:
-                if self._stop_requested():
+                wait, self.watchdog.phase = time.perf_counter(), "waiting for data"
+                batches = self.fetch.next_step(self.ds.gradient_accumulation_steps(), lambda: self._stop)
+                if batches is None:  # a rank got a stop signal: all stop here, at the same step
                     self.save()
-                    self._write_marker()
                     self._finish(stopped=True)
                     return exit_codes.REQUEUE
-                self._train_step(window)
+                window.data_wait += time.perf_counter() - wait
+                self._train_step(window, batches, since=wait)
                 self.step += 1
+                self.watchdog.stepped(self.step)
                 self.metrics.advance(self.step)
                 if self.step % self.cfg.train.log_every == 0 or self.step == total:
                     metrics = {**window.reduce(self.world), **self.setup.loader.skip_metrics(self.device)}
@@ -136,49 +151,26 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self.watchdog.close()
             if hasattr(self, "metrics"):
                 self.metrics.close()
 
-    def _train_step(self, window: Window) -> None:
-        engine = self.ds
-        start = time.perf_counter()
-        for _ in range(engine.gradient_accumulation_steps()):
-            wait = time.perf_counter()
-            batch = self._next_batch()
-            window.data_wait += time.perf_counter() - wait
-            self._check_modality(batch["modality"])
+    def _train_step(self, window: Window, batches: list[dict], since: float) -> None:
+        engine, losses, self.watchdog.phase = self.ds, [], "in a training step"
+        for i, batch in enumerate(batches):  # (the fetcher checked that every rank has the same modalities)
             out = engine(**self._inputs(batch))
             engine.backward(out.loss)
+            losses.append(out.loss.detach().float())
+            if i < len(batches) - 1:  # the last step() applies the update: after the finiteness check
+                engine.step()
+        skip = self.guard.skip(self.step + 1, losses, batches)
+        with update_skipped(engine) if skip else contextlib.nullcontext():
             engine.step()
-            window.add(
-                out.loss.detach().float(),
-                int(batch["attention_mask"].sum()),
-                batch["input_ids"].shape[0],
-                batch["modality"],
-            )
-        window.steps += 1
-        window.time += time.perf_counter() - start
-
-    def _next_batch(self) -> dict:
-        if self._iter is None:
-            self._iter = iter(self.setup.loader)
-        try:
-            return next(self._iter)
-        except StopIteration:  # end of an epoch; the loader continues from its position
-            self._iter = iter(self.setup.loader)
-            return next(self._iter)
+        window.add_step(losses, batches, skip, time.perf_counter() - since)
 
     def _inputs(self, batch: dict) -> dict:
         keys = ("input_ids", "attention_mask", "labels", "media", "encoder_states")
         return {k: batch[k].to(self.device, non_blocking=True) for k in keys if batch.get(k) is not None}
-
-    def _check_modality(self, modality: str) -> None:
-        """ZeRO-3 hangs if ranks run different modules; the loader promises equal modalities: verify cheaply."""
-        code = schema.MODALITIES.index(modality)
-        t = torch.tensor([code, -code], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if int(t[0]) != -int(t[1]):
-            raise RuntimeError(f"step {self.step}: ranks got different modalities (this rank: {modality})")
 
     def _lrs(self) -> dict[str, float]:
         groups = self.ds.optimizer.param_groups
@@ -190,24 +182,12 @@ class Trainer:
         log.warning("rank %d got %s: checkpointing after this step", self.rank, signal.Signals(signum).name)
         self._stop = True
 
-    def _stop_requested(self) -> bool:
-        """Every rank learns of a signal that reached any rank, at the same step."""
-        t = torch.tensor([int(self._stop)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def _write_marker(self) -> None:
-        if self.main:
-            marker = {"step": self.step, "exit_code": exit_codes.REQUEUE, "resume": "--resume auto"}
-            (self.setup.run_dir / layout.STOPPED).write_text(json.dumps(marker))
-
     # ------------------------------------------------------------------ evaluation and checkpoints
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation loss, then the eval hooks (generation metrics). Every rank takes part."""
-        metrics = {}
-        engine = self.ds
+        metrics, engine, self.watchdog.phase = {}, self.ds, "in evaluation"
         engine.eval()
         for loader in self.setup.val_loaders:
             loader.load_state_dict(self._val_start)
@@ -229,12 +209,13 @@ class Trainer:
     def save(self) -> Path:
         if self.step == self._saved_step:  # nothing changed since (a signal right after a save or resume)
             return self.ckpt_root / layout.tag_for(self.step)
-        checksum = frozen_checksum(self.engine.model)
+        checksum, self.watchdog.phase = frozen_checksum(self.engine.model), "writing a checkpoint"
         if checksum != self.frozen_start:
             raise RuntimeError(f"step {self.step}: frozen weights changed during training")
-        adapter = gather_adapter_state(self.engine.model)
+        adapter = require_finite(gather_adapter_state(self.engine.model), f"checkpoint of step {self.step}")
         state = {
-            "loader": self.setup.loader.state_dict(),
+            "loader": self.fetch.state_dict(),  # where the last step handed out ended (epalm.train.fetch)
+            "config": dataclasses.asdict(self.cfg),  # what resume compares against (epalm.run.resume_changes)
             "frozen_checksum": checksum,
             "world_size": self.world,
             "total_steps": self.setup.total_steps,
@@ -271,7 +252,7 @@ class Trainer:
 
     def _finish(self, stopped: bool) -> None:
         """Final adapter export and a summary a test (or a person) can check the run against."""
-        adapter = gather_adapter_state(self.engine.model)
+        adapter = require_finite(gather_adapter_state(self.engine.model), "the final adapter")
         adapter_digests = [None] * self.world
         dist.all_gather_object(adapter_digests, state_digest(adapter))
         frozen_full = [None] * self.world
@@ -279,6 +260,9 @@ class Trainer:
         if self.main:
             if not stopped:
                 save_adapter(adapter, self.cfg, self.setup.run_dir / layout.ADAPTER)
+            else:  # for launchers that do not pass the exit code on
+                marker = {"step": self.step, "exit_code": exit_codes.REQUEUE, "resume": "--resume auto"}
+                (self.setup.run_dir / layout.STOPPED).write_text(json.dumps(marker))
             summary = {
                 "step": self.step,
                 "stopped_by_signal": stopped,

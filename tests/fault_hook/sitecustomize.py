@@ -7,6 +7,10 @@ Python imports `sitecustomize` at start-up, and this one patches modules as they
     sigterm_at_step:N              SIGTERM to itself right after step N (the trainer checkpoints and exits 75)
   epalm.run.checkpoint
     kill_in_save:N                 SIGKILL in the middle of step N's checkpoint (after DeepSpeed's files)
+  epalm.data.collate
+    stall_batch:N                  the N-th training batch this process assembles never comes: its reader
+                                   sleeps for good, as on a shard server that stopped sending (and touches
+                                   $EPALM_FAULT_MARK, if set, so a test knows the stall began)
   data_shards.writer, only under `python -m data_shards.extract` (a module run as __main__ is not imported, so
   extract's own functions cannot be patched; the tar writer it calls can); N counts the tars this process writes:
     extract_kill_in_shard:N        SIGKILL with the N-th shard's tar half written (its .tmp left behind)
@@ -19,6 +23,7 @@ import importlib.abc
 import os
 import signal
 import sys
+import time
 
 _SPEC = os.environ.get("EPALM_FAULT", "")
 
@@ -39,8 +44,8 @@ def _mine(kind: str, step: int) -> bool:
 def _patch_trainer(module) -> None:
     original = module.Trainer._train_step
 
-    def train_step(self, window):
-        original(self, window)
+    def train_step(self, window, *args, **kwargs):
+        original(self, window, *args, **kwargs)
         done = self.step + 1  # the loop increments `step` right after this returns
         if _mine("kill_after_step", done):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -65,6 +70,25 @@ def _patch_checkpoint(module) -> None:
         return original(engine, root, step, *args, **kwargs)
 
     module.save_training_state = save_training_state
+
+
+def _patch_collate(module) -> None:
+    original = module.BatchBuilder.assemble
+    made = 0
+
+    def assemble(self, samples, prepared):
+        nonlocal made
+        if self.train:
+            made += 1
+            if _mine("stall_batch", made):
+                mark = os.environ.get("EPALM_FAULT_MARK")
+                if mark:
+                    open(mark, "w").close()
+                while True:
+                    time.sleep(60)
+        return original(self, samples, prepared)
+
+    module.BatchBuilder.assemble = assemble
 
 
 def _in_extract() -> bool:
@@ -95,6 +119,7 @@ def _patch_writer(module) -> None:
 _PATCHES = {
     "epalm.train.trainer": _patch_trainer,
     "epalm.run.checkpoint": _patch_checkpoint,
+    "epalm.data.collate": _patch_collate,
     "data_shards.writer": _patch_writer,
 }
 
