@@ -32,7 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--config", required=True, help="run config YAML (launch/configs/...)")
     p.add_argument(
-        "--ds_config", default="ds_configs/zero3.json", help="DeepSpeed JSON: DeepSpeed knobs only"
+        "--ds_config",
+        default="auto",
+        help="DeepSpeed JSON (DeepSpeed knobs only), or 'auto': the fastest engine whose memory plan fits "
+        "the devices (epalm/train/engine_choice.py; `python -m epalm.cli.describe CONFIG --gpus N "
+        "--gpu-memory X` shows the choice)",
     )
     p.add_argument(
         "--resume",
@@ -76,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from epalm.preflight import run_checks
     from epalm.run.lock import acquire_run_lock
     from epalm.train.ds_config import load_ds_config
+    from epalm.train.engine_choice import resolve_auto
     from epalm.train.nonfinite import NonFiniteError
     from epalm.train.setup import build_train_setup
     from epalm.train.supervisor import register_rank
@@ -90,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(
             args.config, args.overrides, checks=[*run_checks(True), batch_check(env.world_size)]
         )
-        ds_base = load_ds_config(args.ds_config)
+        ds_base = None if args.ds_config == "auto" else load_ds_config(args.ds_config)
         info = init_distributed(cfg.train.collective_timeout_s)
+        if ds_base is None:  # the fastest engine whose memory plan fits these devices (same on every rank)
+            ds_base = resolve_auto(cfg, info.world_size, args.precision)
         lock = acquire_run_lock(cfg.run_dir, info)  # held by rank 0 until this process ends
         setup = build_train_setup(
             cfg, ds_base, info, args.resume, args.precision, args.move_aside, args.allow_inexact_resume

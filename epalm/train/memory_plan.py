@@ -25,10 +25,17 @@ class MemoryPlan:
     trainable_bytes_per_gpu: int
     activation_bytes_per_gpu: int
     rows: list[tuple[str, int]] = field(default_factory=list)  # (what, bytes per GPU), for printing
+    gathered_bytes_per_gpu: int = 0  # ZeRO-3: frozen weights gathered whole while layers run (live budget)
 
     @property
     def total_bytes_per_gpu(self) -> int:
+        """The three resident parts (weights, trainable state, activations)."""
         return self.frozen_bytes_per_gpu + self.trainable_bytes_per_gpu + self.activation_bytes_per_gpu
+
+    @property
+    def planned_bytes_per_gpu(self) -> int:
+        """What must fit on the device: the three parts plus ZeRO-3's gathered working set."""
+        return self.total_bytes_per_gpu + self.gathered_bytes_per_gpu
 
     def last_line(self) -> str:
         return (
@@ -92,29 +99,47 @@ def lm_activation_bytes(cfg: Config, lm_config, micro_batch: int, text_tokens: i
     return [("LM activations kept for backward", stored), ("LM head logits + fp32 loss", head)]
 
 
+# DeepSpeed's own default for stage3_max_live_parameters (runtime/zero/config.py), used when a plan names none
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000
+
+
 def plan_memory(
     cfg: Config, gpus: int, zero: int, micro_batch: int | None = None, precision: str = "bf16",
-    text_tokens: int = 32,
+    text_tokens: int = 32, *, zero_config: dict | None = None, model=None,
 ) -> MemoryPlan:  # fmt: skip
-    """The per-GPU plan for `cfg` on `gpus` GPUs at ZeRO stage `zero` (frozen weights in `precision`)."""
+    """The per-GPU plan for `cfg` on `gpus` GPUs at ZeRO stage `zero` (frozen weights in `precision`).
+
+    `zero_config` (a DeepSpeed JSON's `zero_optimization`) refines ZeRO-3: `offload_param` keeps the frozen
+    shards in host memory, and `stage3_max_live_parameters` bounds the gathered working set (DeepSpeed's
+    coordinator keeps a gathered parameter until it is `stage3_max_reuse_distance` elements from its next use and
+    prefetches only under that many live elements; at least one layer is always whole). `model`: the meta-device
+    model, when the caller already built it (several plans of one config).
+    """
     from epalm.model.epalm import build_model
 
     if gpus < 1 or zero not in (0, 1, 2, 3) or precision not in BYTES:
         raise ValueError(f"need gpus >= 1, zero in 0..3 and precision in {sorted(BYTES)}")
     micro = micro_batch or cfg.train.micro_batch_size
-    model = build_model(cfg.model, device="meta", with_encoder=not cfg.data.use_features)
+    if model is None:
+        model = build_model(cfg.model, device="meta", with_encoder=not cfg.data.use_features)
     frozen, trainable = count_params(model)
     bpe = BYTES[precision]
-    frozen_bytes = math.ceil(frozen / gpus) * bpe if zero == 3 else frozen * bpe
-    rows = [(f"frozen weights ({frozen:,} params, {precision})", frozen_bytes)]
+    zc = zero_config or {}
+    offload = zero == 3 and zc.get("offload_param", {}).get("device", "none") not in ("none", None)
+    frozen_bytes = 0 if offload else math.ceil(frozen / gpus) * bpe if zero == 3 else frozen * bpe
+    where = "in host memory (offload_param)" if offload else precision
+    rows = [(f"frozen weights ({frozen:,} params, {where})", frozen_bytes)]
     state = trainable_state_bytes(trainable, gpus, zero, precision)
     acts = lm_activation_bytes(cfg, model.lm.config, micro, text_tokens, precision)
     rows += state + acts
-    if (
-        zero == 3
-    ):  # not in the three totals: what ZeRO-3 holds gathered while a layer runs (two layers' worth)
+    gathered = 0
+    if zero == 3:
         layer = sum(q.numel() for q in model.lm.model.decoder.layers[0].parameters())
-        rows.append(("(ZeRO-3 gathered working set, ~2 LM layers)", 2 * layer * bpe))
+        live = int(zc.get("stage3_max_live_parameters", DS_MAX_LIVE_PARAMETERS))
+        gathered = min(frozen, max(live, layer)) * bpe
+        rows.append(
+            (f"ZeRO-3 gathered working set (<= {min(frozen, max(live, layer)):,} elements)", gathered)
+        )
     return MemoryPlan(
         frozen_params=frozen,
         trainable_params=trainable,
@@ -122,4 +147,5 @@ def plan_memory(
         trainable_bytes_per_gpu=sum(n for _, n in state),
         activation_bytes_per_gpu=sum(n for _, n in acts),
         rows=rows,
+        gathered_bytes_per_gpu=gathered,
     )
