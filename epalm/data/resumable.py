@@ -1,7 +1,8 @@
 """Exact-resume machinery: who reads what (per rank, worker, epoch), the mixing schedule, the DataLoader wrapper.
 
 Every worker's batches are a pure function of (seed, epoch, rank, world size, worker, workers), so
-the loader state is a count of batches handed out; see docs/loader.md.
+the loader state is a count of batches handed out; see docs/loader.md. A state from another partition
+(world size, workers, batch size) continues through `epalm.data.reshard`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from epalm.data import schema
 from epalm.data.collate import BatchBuilder, SampleError
-from epalm.data.stream import ShardList, buffer_shuffle_order, iter_ordered, pieces_of, shard_order
+from epalm.data.reshard import Carry, Partition, plan, share, shuffled, worker_batch_counts
+from epalm.data.stream import ShardList, iter_ordered, pieces_of, shard_order
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 2: skip counts of every rank (1 held the saving rank's only)
@@ -31,9 +33,7 @@ class TooManySkipsError(ValueError):
     """More samples of a worker's share were skipped than `max_skip_fraction` allows."""
 
 
-def worker_batch_counts(num_batches: int, num_workers: int) -> list[int]:
-    """Batches of worker w: DataLoader hands out batch i from worker i % num_workers."""
-    return [(num_batches - w + num_workers - 1) // num_workers for w in range(num_workers)]
+__all__ = ["DatasetPlan", "ResumableLoader", "eval_batches_per_rank", "worker_batch_counts"]
 
 
 def eval_batches_per_rank(num_samples: int, world_size: int, batch_size: int) -> list[int]:
@@ -60,55 +60,94 @@ class DatasetPlan:
     def num_batches(self) -> int:
         return self.shards.num_samples // (self.world_size * self.batch_size)
 
-    def _refill(self, pieces, perm: list[int], pos: int) -> Iterator:
+    def _refill(self, pieces, perm: list[int], pos: int, absent=()) -> Iterator:
         """The worker's samples from position `pos` of `perm`, then `perm` again: skipped samples are replaced
         by the next ones, and past the end of the share by its first ones (equal batches on every rank)."""
         p = pos % len(perm)
         while True:
-            yield from iter_ordered(self.shards, pieces, perm, p, self.builder.wanted, self.unsafe, "skip")
+            yield from iter_ordered(
+                self.shards, pieces, perm, p, self.builder.wanted, self.unsafe, "skip", absent
+            )
             p = 0
 
+    def _order(self, seed: int, epoch: int) -> list[int]:
+        return shard_order(
+            len(self.shards.names), random.Random(f"shards/{seed}/{self.builder.index}/{epoch}")
+        )
+
     def iter_train(
-        self, worker: int, consumed: int, seed: int, extra: tuple[int, int] = (0, 0)
+        self,
+        worker: int,
+        consumed: int,
+        seed: int,
+        extra: tuple[int, int] = (0, 0),
+        carry: Carry | None = None,
+        shift: int = 0,
     ) -> Iterator[dict]:
         """Batches of one worker from its `consumed`-th batch on, through epochs forever.
 
         `extra` = (epoch, samples skipped so far in it): each skip moved the worker one sample further on.
+        `carry`: first the rest of an epoch another partition interrupted (`reshard.Carry`); then, as
+        after a finished one (`shift`), positions move to where an ordinary run's are.
         """
+        if carry is not None:
+            if carry.active(worker, consumed):
+                yield from self._carry(worker, consumed - carry.base[worker], seed, extra, carry)
+                consumed = carry.base[worker] + carry.batches[worker]
+            shift = carry.delta[worker]
         counts, b = worker_batch_counts(self.num_batches, self.num_workers), self.batch_size
-        epoch, first = divmod(consumed, counts[worker])
+        epoch, first = divmod(consumed + shift, counts[worker])
         skipped = extra[1] if extra[0] == epoch else 0
-        start = (self.rank * self.num_batches + sum(counts[:worker])) * b
-        n = counts[worker] * b
-        tag = f"{seed}/{self.builder.index}"
+        start, n = share(self.num_batches, self.num_workers, b, self.rank, worker)
         while True:
-            order = shard_order(len(self.shards.names), random.Random(f"shards/{tag}/{epoch}"))
-            pieces = pieces_of(self.shards.counts, order, start, start + n)
-            rng = random.Random(f"buffer/{tag}/{epoch}/{self.rank}/{worker}")
-            perm = buffer_shuffle_order(n, self.shuffle_buffer, rng)
+            pieces = pieces_of(self.shards.counts, self._order(seed, epoch), start, start + n)
+            perm = shuffled(
+                n, self.shuffle_buffer, "buffer", seed, self.builder.index, epoch, self.rank, worker
+            )
             samples = self._refill(pieces, perm, first * b + skipped)
-            for _ in range(first, counts[worker]):
-                raws, items, reasons = [], [], Counter()
-                while len(items) < b:
-                    raw = next(samples)
-                    try:
-                        items.append(self.builder.prepare(raw, epoch, seed))
-                        raws.append(raw)
-                    except SampleError as e:
-                        skipped += 1
-                        reasons[e.reason] += 1
-                        log.warning("skipping a sample: %s", e)
-                        self._check_skips(skipped, n, epoch, e)
-                batch = self.builder.assemble(raws, items)
-                batch[INFO] = {
-                    "dataset": self.builder.index,
-                    "worker": worker,
-                    "epoch": epoch,
-                    "skipped_in_epoch": skipped,
-                    "reasons": dict(reasons),
-                }
-                yield batch
+            yield from self._batches(samples, range(first, counts[worker]), worker, epoch, seed, skipped, n)
             epoch, first, skipped = epoch + 1, 0, 0
+
+    def _carry(
+        self, worker: int, taken: int, seed: int, extra: tuple[int, int], carry: Carry
+    ) -> Iterator[dict]:
+        """The worker's batches of `carry` from its `taken`-th on: its positions, read in one sweep over the
+        range they span (the others in it are not returned), in their own shuffle-buffer order."""
+        mine, epoch = carry.positions(self.rank, worker), carry.epoch
+        lo, hi = int(mine[0]), int(mine[-1]) + 1
+        present = np.zeros(hi - lo, dtype=bool)
+        present[mine - lo] = True
+        perm = [int(mine[j]) - lo for j in carry.order(self.rank, worker)]
+        pieces = pieces_of(self.shards.counts, self._order(seed, epoch), lo, hi)
+        skipped = extra[1] if extra[0] == epoch else 0
+        samples = self._refill(pieces, perm, taken * self.batch_size + skipped, _Absent(present))
+        steps = range(taken, carry.batches[worker])
+        yield from self._batches(samples, steps, worker, epoch, seed, skipped, len(mine))
+
+    def _batches(self, samples, steps: range, worker: int, epoch: int, seed: int, skipped: int, n: int):
+        """One batch per step from `samples`, skipping (and counting) bad ones; `n`: the share's size."""
+        b = self.batch_size
+        for _ in steps:
+            raws, items, reasons = [], [], Counter()
+            while len(items) < b:
+                raw = next(samples)
+                try:
+                    items.append(self.builder.prepare(raw, epoch, seed))
+                    raws.append(raw)
+                except SampleError as e:
+                    skipped += 1
+                    reasons[e.reason] += 1
+                    log.warning("skipping a sample: %s", e)
+                    self._check_skips(skipped, n, epoch, e)
+            batch = self.builder.assemble(raws, items)
+            batch[INFO] = {
+                "dataset": self.builder.index,
+                "worker": worker,
+                "epoch": epoch,
+                "skipped_in_epoch": skipped,
+                "reasons": dict(reasons),
+            }
+            yield batch
 
     def _check_skips(self, skipped: int, n: int, epoch: int, last: SampleError) -> None:
         if skipped > self.max_skip_fraction * n:
@@ -133,6 +172,16 @@ class DatasetPlan:
         samples = iter_ordered(self.shards, pieces, range(n), 0, self.builder.wanted, self.unsafe)
         for i in range(0, n, b):
             yield 0, [next(samples) for _ in range(min(b, n - i))]
+
+
+class _Absent:
+    """The indices of a range a carry does not read: a mask, not a set (a rest may hold millions)."""
+
+    def __init__(self, present: np.ndarray) -> None:
+        self.present = present
+
+    def __contains__(self, i: object) -> bool:
+        return not self.present[i]
 
 
 class _Schedule:
@@ -169,11 +218,23 @@ class _EpochView(IterableDataset):
     """The batches of one epoch from step `start` on; physical worker p plays logical (p + start) % K."""
 
     def __init__(
-        self, plans, schedule, seed, epoch, start, per_epoch, num_workers, counts, train, extra
+        self,
+        plans,
+        schedule,
+        seed,
+        epoch,
+        start,
+        per_epoch,
+        num_workers,
+        counts,
+        train,
+        extra,
+        moved=(None, None),
     ) -> None:
         self.plans, self.schedule, self.seed = plans, schedule, seed
         self.epoch, self.start, self.per_epoch = epoch, start, per_epoch
         self.num_workers, self.counts, self.train, self.extra = num_workers, counts, train, extra
+        self.carries, self.shift = moved  # an active carry per dataset, or the shift after one
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -189,7 +250,9 @@ class _EpochView(IterableDataset):
             d = self.schedule.at(self.epoch * self.per_epoch + step)
             if d not in streams:
                 extra = tuple(self.extra[worker][d])
-                streams[d] = self.plans[d].iter_train(worker, position[d], self.seed, extra)
+                carry = self.carries[d] if self.carries else None
+                shift = int(self.shift[worker][d]) if self.shift else 0
+                streams[d] = self.plans[d].iter_train(worker, position[d], self.seed, extra, carry, shift)
             yield next(streams[d])
 
 
@@ -217,6 +280,10 @@ class ResumableLoader:
         self.consumed = 0
         self.skipped: Counter = Counter()  # reason -> samples skipped on this rank, over the whole run
         self._reset_extra()
+        # continuing a state of another partition (reshard.plan): its record, its carries, or the shift after
+        self.carry: dict | None = None
+        self.carries: list[Carry] | None = None
+        self.shift: list | None = None
 
     def _reset_extra(self) -> None:
         # (logical worker, dataset) -> [dataset epoch, samples skipped in it so far]
@@ -251,6 +318,29 @@ class ResumableLoader:
             self.consumed, self.batches_per_epoch, self._logical_workers
         )
 
+    def _partition(self) -> Partition:
+        p, k = self.plans[0], self._logical_workers
+        return Partition(p.world_size, k, p.batch_size, self.batches_per_epoch, self.seed, p.shuffle_buffer)
+
+    def _counts_on(self, part: Partition, consumed: int) -> np.ndarray:
+        return _Schedule(self.weights, part.seed).worker_counts(
+            consumed, part.batches_per_epoch, part.num_workers
+        )
+
+    def _plan(self, state: dict) -> tuple[int, list[Carry]]:
+        sizes = [p.shards.num_samples for p in self.plans]
+        return plan(state, self._partition(), sizes, self.plans[0].shuffle_buffer, self._counts_on)
+
+    def _moved(self) -> tuple[list[Carry] | None, list | None]:
+        """(carries while one is active, else None; the shift of positions after them, else None)."""
+        if not self.carries:
+            return None, self.shift
+        pos = self._worker_counts()
+        if any(c.active(w, pos[w][c.dataset]) for c in self.carries for w in range(self._logical_workers)):
+            return self.carries, None
+        shift = [[c.delta[w] for c in self.carries] for w in range(self._logical_workers)]
+        return None, shift if any(map(any, shift)) else None
+
     def __iter__(self) -> Iterator[dict]:
         epoch, start = divmod(self.consumed, self.batches_per_epoch) if self.train else (0, 0)
         view = _EpochView(
@@ -264,6 +354,7 @@ class ResumableLoader:
             self._worker_counts(),
             self.train,
             [[list(e) for e in w] for w in self.extra],
+            self._moved(),
         )
         loader = DataLoader(
             view,
@@ -327,7 +418,16 @@ class ResumableLoader:
             # per rank (None: not gathered), per worker, per dataset: [its epoch, samples skipped in it]
             "worker_skipped": [s and s[0] for s in skips],
             "skipped": [s and s[1] for s in skips],  # per rank: its skips by reason, whole run
+            "shuffle_buffer": self.plans[0].shuffle_buffer,
+            **self._moved_state(),
         }
+
+    def _moved_state(self) -> dict:
+        """While a carry lasts, the state it continues (so a resume recomputes it); after, the shift."""
+        carries, shift = self._moved()
+        if carries:
+            return {"carry": self.carry}
+        return {"shift": shift} if shift else {}
 
     def _skips_of(self, state: dict) -> tuple[list, list, Counter]:
         """(worker_skipped, skipped) by rank in `state`, and the skips of all ranks; version 1 held one rank's."""
@@ -343,8 +443,14 @@ class ResumableLoader:
         extra = extra or [[[0, 0] for _ in self.plans] for _ in range(self._logical_workers)]
         return [extra] * world, [skipped] * world, Counter(skipped)
 
-    def load_state_dict(self, state: dict, allow_topology_change: bool = False) -> None:
-        """Continue exactly where `state` was taken; see docs/loader.md for a changed topology."""
+    def load_state_dict(
+        self, state: dict, allow_topology_change: bool = False, *, reshard: bool = False
+    ) -> None:
+        """Continue exactly where `state` was taken; see docs/loader.md for a changed topology.
+
+        With `reshard`, a state of another partition (world size, workers, batch size, epoch length) goes on
+        with the samples of the interrupted epoch it had not consumed, each once, spread over this one.
+        """
         if not self.train:
             raise ValueError("an eval loader has no position to restore")
         if state.get("version") not in (1, STATE_VERSION):
@@ -369,14 +475,25 @@ class ResumableLoader:
                 )
             self.extra = [[list(map(int, e)) for e in w] for w in extra[rank]]
             self.skipped = Counter(skipped[rank])
+            self.carry, self.shift = state.get("carry"), state.get("shift")
+            self.carries = self._plan(self.carry["from"])[1] if self.carry else None
             return
         # a new partition: rank 0 keeps the run's skips so far, in total (data/skipped sums over ranks)
         self.skipped = total if self.plans[0].rank == 0 else Counter()
         detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        if reshard:
+            self.consumed, self.carries = self._plan(state)
+            self.carry, self.shift = {"from": state, "consumed": self.consumed}, None
+            left = [c.per_rank for c in self.carries]
+            log.warning(
+                "loader partition changed (%s): the interrupted epoch goes on, %s batches left", detail, left
+            )
+            return
         if not allow_topology_change:
             raise ValueError(
                 f"loader state was saved with a different topology ({detail}); an exact resume needs "
-                "the same one. Pass allow_topology_change=True to restart at the next epoch."
+                "the same one. Pass reshard=True to go on with the rest of the epoch on this partition "
+                "(the trainer does), or allow_topology_change=True to restart at the next epoch."
             )
         self.consumed = (int(state["epoch"]) + 1) * self.batches_per_epoch
         log.warning("loader topology changed (%s): restarting at epoch %d", detail, self.epoch)

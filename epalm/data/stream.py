@@ -378,6 +378,16 @@ def iter_range(
         base += count
 
 
+class _Either:
+    """Membership in any of several containers (a set, a mask wrapper)."""
+
+    def __init__(self, *parts: Container[int]) -> None:
+        self.parts = parts
+
+    def __contains__(self, i: object) -> bool:
+        return any(i in part for part in self.parts)
+
+
 def iter_ordered(
     shards: ShardList,
     pieces: Sequence[tuple[int, int, int]],
@@ -386,11 +396,14 @@ def iter_ordered(
     wanted: Callable[[str], bool],
     unsafe: str = "error",
     on_error: str = "raise",
+    absent: Container[int] = (),
 ) -> Iterator[RawSample]:
-    """Samples `order[start:]` of a range: read sequentially, holding only those read ahead of use."""
+    """Samples `order[start:]` of a range: read sequentially, holding only those read ahead of use.
+
+    `absent`: indices of the range that `order` does not hold (never read, nor returned)."""
     if unsafe not in UNSAFE_POLICIES:
         raise ValueError(f"unsafe_members must be one of {UNSAFE_POLICIES}, got {unsafe!r}")
-    done = set(order[:start])
+    done = _Either(set(order[:start]), absent)
     reader = iter_range(shards, pieces, wanted, done, unsafe, on_error)
     ahead: dict[int, RawSample] = {}
     for idx in order[start:]:
