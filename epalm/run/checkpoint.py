@@ -1,7 +1,11 @@
 """Resumable training state: DeepSpeed's trainable-only files, optimizer, scheduler, loader position, per-rank
 RNG states and the step, a manifest of sizes and checksums written last, committed through a `latest`
-pointer (`save_training_state` / `load_training_state`). Which checkpoint to resume from is
-`epalm.run.resume`'s business; the adapter export inside each step is `epalm.run.adapter`'s."""
+pointer (`save_training_state` / `load_training_state`). Beside DeepSpeed's per-rank ZeRO files, which load
+only on the world size and ZeRO stage that wrote them, each step holds the adapter's training state in one
+world-size-independent file (`PORTABLE`), loaded instead when either differs. DeepSpeed's own answer,
+universal checkpoints, needs an offline conversion of every checkpoint (ds_to_universal.py) and the module
+files our trainable-only saves leave out. Which checkpoint to resume from is `epalm.run.resume`'s business;
+the adapter export inside each step is `epalm.run.adapter`'s."""
 
 from __future__ import annotations
 
@@ -23,6 +27,11 @@ from epalm.run.adapter import save_adapter
 from epalm.run.layout import ADAPTER, LATEST, TAG, TRAINER_STATE, tag_for
 from epalm.run.manifest import read_trainer_state, verify_checkpoint, write_manifest
 from epalm.run.resume import read_latest
+
+# inside a step directory, beside DeepSpeed's files (to move to epalm.run.layout with the other names)
+PORTABLE = (
+    "trainable_state.pt"  # full fp32 adapter, Adam moments, steps, scheduler: any world size, any stage
+)
 
 
 def rng_state() -> dict:
@@ -68,12 +77,14 @@ def save_training_state(
     adapter_state: dict[str, torch.Tensor] | None = None,
     cfg: Config | None = None,
     keep_last: int = 0,
+    portable: dict | None = None,
 ) -> Path:
     """Write a checkpoint for `step` on every rank; it becomes visible only once complete everywhere.
 
     All ranks write into `.tmp-<tag>`; after a barrier rank 0 renames it to `<tag>` and replaces `latest`
     atomically. A crash at any point leaves `latest` naming the previous checkpoint. Frozen weights
-    are never written. Needs a filesystem shared by all ranks.
+    are never written. `portable` (rank 0's `epalm.train.engine.gather_trainable_state`) is written as
+    `PORTABLE`, for a resume on another world size. Needs a filesystem shared by all ranks.
     """
     root = Path(root)
     tag = tag_for(step)
@@ -89,6 +100,8 @@ def save_training_state(
         torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
         if rank == 0 and adapter_state is not None and cfg is not None:
             save_adapter(adapter_state, cfg, tmp / ADAPTER)
+        if rank == 0 and portable is not None:
+            torch.save(portable, tmp / PORTABLE)
     if rank == 0:
         with _writing(tmp):
             write_text_atomic(tmp / TRAINER_STATE, json.dumps({**trainer_state, "step": step}, indent=1))
@@ -146,13 +159,27 @@ def _writing(path: Path):
 _NEARLY_FULL = 1 << 20  # bytes: a failed write with less than this left is a full disk
 
 
-def load_training_state(engine, path: str | Path, *, rank: int) -> dict:
+def needs_portable(path: str | Path, world_size: int, zero_stage: int) -> bool:
+    """Whether the checkpoint at `path` was written on another world size or ZeRO stage than this run's, so
+    that DeepSpeed's per-rank files cannot load and `PORTABLE` must."""
+    state = read_trainer_state(Path(path))
+    saved = (state.get("world_size"), state.get("zero_stage", zero_stage))
+    return saved != (world_size, zero_stage)
+
+
+def load_training_state(
+    engine, path: str | Path, *, rank: int, restore_portable: Callable[[dict], None] | None = None
+) -> dict:
     """Restore engine (trainable weights, optimizer, scheduler) and this rank's RNGs; return the trainer state.
 
-    `path` should have passed `verify_checkpoint` (rank 0 does it in `epalm.run.resume`); any failure here is
-    still reported with the checkpoint's path and the problems a verification finds.
+    With `restore_portable` the engine is restored from `PORTABLE` through it (another world size or ZeRO
+    stage; a rank the checkpoint has no RNG file for takes rank 0's). `path` should have passed
+    `verify_checkpoint` (rank 0 does it in `epalm.run.resume`); any failure here is still reported with the
+    checkpoint's path and the problems a verification finds.
     """
     path = Path(path)
+    if restore_portable is not None:
+        return _load_portable(path, rank, restore_portable)
     try:
         state = read_trainer_state(path)
         load_path, _ = engine.load_checkpoint(
@@ -170,6 +197,28 @@ def load_training_state(engine, path: str | Path, *, rank: int) -> dict:
     except (OSError, RuntimeError, ValueError, EOFError) as e:
         problems = "; ".join(verify_checkpoint(path, checksums=False)) or "no file problem found"
         raise RuntimeError(f"cannot load the checkpoint {path}: {e} ({problems})") from e
+    return state
+
+
+def _load_portable(path: Path, rank: int, restore: Callable[[dict], None]) -> dict:
+    state = read_trainer_state(path)
+    if not (path / PORTABLE).is_file():
+        raise RuntimeError(
+            f"cannot resume {path} on another number of ranks or ZeRO stage: it has no {PORTABLE} (written "
+            f"before world-size-independent checkpoints, or by an optimizer it does not know); resume it on "
+            f"{state.get('world_size')} ranks with the DeepSpeed config it was saved with"
+        )
+    try:
+        portable = torch.load(path / PORTABLE, weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        problems = "; ".join(verify_checkpoint(path, checksums=False)) or "no file problem found"
+        raise RuntimeError(f"cannot load {path / PORTABLE}: {e} ({problems})") from e
+    restore(portable)
+    rng_file = path / f"rng_rank{rank:05d}.pt"
+    if not rng_file.is_file():
+        rng_file = path / "rng_rank00000.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
     return state
 
 

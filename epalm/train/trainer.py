@@ -37,6 +37,7 @@ from epalm.train.nonfinite import NonFiniteGuard, require_finite, update_skipped
 from epalm.train.setup import TrainSetup
 from epalm.train.supervisor import stop_requested_early
 from epalm.train.tracking import MetricWriter, WandbSink, Window
+from epalm.train.trainable_state import gather_trainable_state, restore_trainable_state
 from epalm.train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -82,14 +83,17 @@ class Trainer:
         self.frozen_start = frozen_checksum(self.engine.model)
         run_id = None
         if p.resume_from is not None:
-            state = ckpt.load_training_state(self.ds, p.resume_from, rank=self.rank)
+            # another world size or ZeRO stage: DeepSpeed's per-rank files cannot load, the portable state does
+            portable = ckpt.needs_portable(p.resume_from, self.world, self.engine.stage)
+            restore = (lambda saved: restore_trainable_state(self.engine, saved)) if portable else None
+            state = ckpt.load_training_state(self.ds, p.resume_from, rank=self.rank, restore_portable=restore)
             if p.resume_changes is not None and p.resume_changes.fresh_loader:  # epalm.run.resume_changes
                 state["loader"] = p.loader.state_dict()
-            if state.get("world_size") == self.world and state.get("frozen_checksum") != self.frozen_start:
+            if not portable and state.get("frozen_checksum") != self.frozen_start:  # (per partition)
                 raise RuntimeError(
                     f"{p.resume_from}: the frozen weights differ from the ones this checkpoint trained with"
                 )
-            p.loader.load_state_dict(state["loader"])
+            p.loader.load_state_dict(state["loader"], reshard=True)  # on a new partition: the epoch's rest
             self.step = self._saved_step = int(state["step"])
             run_id = state.get(layout.RUN_ID)  # absent from checkpoints older than run ids: a new one
             if self.evaluation is not None:  # the best value so far, so `best/` keeps its meaning
@@ -98,7 +102,8 @@ class Trainer:
             # the optimizer's param groups must carry the restored scheduler's lr, whatever restored them
             for group, lr in zip(self.ds.optimizer.param_groups, self.engine.scheduler.get_last_lr()):
                 group["lr"] = lr
-            log.info("resumed from %s at step %d", p.resume_from, self.step)
+            where = f" (saved on {state.get('world_size')} ranks: its portable state)" if portable else ""
+            log.info("resumed from %s at step %d%s", p.resume_from, self.step, where)
             apply_schedule(self.ds.optimizer, self.engine.scheduler, self.cfg)  # this config's lrs, here
         # the run's id, made at a fresh start and kept in every checkpoint: a resumed run is the same run
         self.run_id = run_id or broadcast_from_rank0(uuid.uuid4().hex)
@@ -218,12 +223,14 @@ class Trainer:
             "config": dataclasses.asdict(self.cfg),  # what resume compares against (epalm.run.resume_changes)
             "frozen_checksum": checksum,
             "world_size": self.world,
+            "zero_stage": self.engine.stage,  # with world_size: whether DeepSpeed's files can load on resume
             "total_steps": self.setup.total_steps,
             layout.RUN_ID: self.run_id,
             "eval_state": {}
             if self.evaluation is None
             else {self.evaluation.name: self.evaluation.state_dict()},
         }
+        portable = gather_trainable_state(self.engine)  # collective: every rank
         self._saved_step = self.step
         return ckpt.save_training_state(
             self.ds,
@@ -235,6 +242,7 @@ class Trainer:
             adapter_state=adapter,
             cfg=self.cfg,
             keep_last=self.cfg.train.keep_last,
+            portable=portable if self.main else None,
         )
 
     def _final_outputs(self) -> None:
