@@ -267,3 +267,22 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except OSError:
         return True
+
+
+def test_retry_lines_for_a_refused_connection_say_so(tmp_path, caplog):
+    """The shard server is gone (connections refused): each retry line names the cause as curl says it, not a
+    raw argument tuple or the tar reader's "empty file" for the stream that never started."""
+    from epalm.data import stream
+    from epalm.data.remote_read import ReadLimits
+    from testing.shard_fixtures import write_dataset
+    from tests.remote_fixtures import serve
+
+    root = write_dataset(tmp_path / "shards", [4])
+    limits = ReadLimits(connect_timeout_s=5, read_timeout_s=5, retry_budget_s=30, retries=1)
+    with serve(root) as server:
+        _, shards = stream.load_manifest(server.url, limits)
+    with pytest.raises(OSError, match="read failed at sample 0 after 2 tries") as failed:
+        list(stream.iter_shard(shards, 0, 0, 4, lambda name: True, (), "error", None))
+    (retry,) = [r.getMessage() for r in caplog.records if "retry 1 of 1" in r.getMessage()]
+    for text in (retry, str(failed.value)):
+        assert "Failed to connect" in text and "empty file" not in text and "('" not in text
