@@ -4,6 +4,7 @@ read within `read_timeout_s`, logged with the shard and the bytes read; a server
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
@@ -159,3 +160,53 @@ def test_a_missing_file_is_not_retried_for_the_whole_budget(shards):
         with pytest.raises(FileNotFoundError, match="404"):
             load_manifest(f"{server.url}/nothing")
         assert time.monotonic() - start < 5 and server.requests["nothing/manifest.json"] == 1
+
+
+def test_an_fsspec_store_that_stops_answering_is_bounded_too():
+    """fsspec files (s3fs, gcsfs, ...) are read on a helper thread: a read or an `info` that blocks is
+    abandoned after read_timeout_s. Here a registered test filesystem hangs after its first 5 bytes."""
+    import fsspec
+    from fsspec.spec import AbstractFileSystem
+
+    from epalm.data.stream import ShardList, check_shards
+
+    release = threading.Event()
+
+    class Stuck(io.RawIOBase):
+        sent = False
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            if not self.sent:
+                self.sent = True
+                buffer[:5] = b"hello"
+                return 5
+            release.wait(60)
+            return 0
+
+    class StuckFS(AbstractFileSystem):
+        protocol = "stuckstore"
+
+        def _open(self, path, mode="rb", **kwargs):
+            return Stuck()
+
+        def info(self, path, **kwargs):
+            release.wait(60)
+            return {"name": path, "size": 5, "type": "file"}
+
+    fsspec.register_implementation("stuckstore", StuckFS, clobber=True)
+    limits = ReadLimits(read_timeout_s=1, retries=0)
+    try:
+        stream = sources.open_stream("stuckstore://bucket/train/x.tar", limits)
+        start = time.monotonic()
+        with pytest.raises(OSError, match="no data for 1 s after 5 bytes"):
+            stream.read(100)
+        sources.close_stream(stream, ok=False)
+        shards = ShardList("stuckstore://bucket/train", ("x.tar",), (1,), (5,), limits=limits)
+        with pytest.raises(ValueError, match=r"x\.tar: no answer \(no data for 1 s"):
+            check_shards(shards)
+        assert time.monotonic() - start < 10
+    finally:
+        release.set()

@@ -19,8 +19,9 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TypeVar
 
+T = TypeVar("T")
 CHUNK = 1 << 20  # bytes asked of a remote source per read
 OK_STATUS = (0, 141, -signal.SIGPIPE)  # 141: a shell's child ended by SIGPIPE (we stopped reading early)
 
@@ -68,6 +69,18 @@ class StallError(OSError):
 def backoff(attempt: int) -> float:
     """0.5 s, 1 s, 2 s, ... at most 10 s: a restarted server is found again soon after it is back."""
     return min(0.5 * 2**attempt, 10.0)
+
+
+def bounded(fn: Callable[[], T], timeout: float) -> T:
+    """`fn()` on a helper thread, abandoned (StallError) when it has not returned after `timeout` seconds:
+    for the single remote calls no stream carries (an fsspec `info`)."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="remote-call")
+    try:
+        return pool.submit(fn).result(timeout)
+    except concurrent.futures.TimeoutError:
+        raise StallError(timeout, 0) from None
+    finally:
+        pool.shutdown(wait=False)
 
 
 class ProcessSource(io.RawIOBase):
@@ -122,8 +135,9 @@ class ThreadSource(io.RawIOBase):
     stall timeout; the opening is bounded the same way."""
 
     def __init__(self, opener: Callable[[], IO[bytes]], timeout: float) -> None:
-        self.timeout, self.nbytes, self.eof = timeout, 0, False
+        self.timeout, self.nbytes, self.eof, self.stuck = timeout, 0, False, False
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-read")
+        self.file: IO[bytes] | None = None
         self.file = self._bounded(opener)
 
     def readable(self) -> bool:
@@ -133,6 +147,7 @@ class ThreadSource(io.RawIOBase):
         try:
             return self.pool.submit(fn, *args).result(self.timeout)
         except concurrent.futures.TimeoutError:
+            self.stuck = True
             self.pool.shutdown(wait=False, cancel_futures=True)  # the blocked thread is left behind
             raise StallError(self.timeout, self.nbytes) from None
 
@@ -144,7 +159,8 @@ class ThreadSource(io.RawIOBase):
         return len(data)
 
     def abort(self) -> None:
-        self.pool.submit(self.file.close)  # never waited for: the file may be the stuck part
+        if not self.stuck and self.file is not None:  # a stuck file is left to its blocked thread
+            self.pool.submit(self.file.close)  # never waited for
         self.pool.shutdown(wait=False)
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ stream reads and drops their bytes (logged). webdataset's decoders are never use
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from webdataset.tariterators import tar_file_iterator
 
 from epalm.data import schema, sources
-from epalm.data.remote_read import DEFAULT_LIMITS, ReadLimits
+from epalm.data.remote_read import DEFAULT_LIMITS, ReadLimits, StallError, bounded
 from epalm.data.sources import ShardCache, ShardReadError
 from epalm.digest import file_sha256
 from epalm.locations import shard_location
@@ -113,7 +114,10 @@ def check_shards(shards: ShardList, verify_checksums: bool = False) -> None:
                     import fsspec
 
                     fs = fsspec.core.url_to_fs(url)[0]
-                size = int(fs.info(url)["size"])
+                size = int(bounded(functools.partial(fs.info, url), shards.limits.read_timeout_s)["size"])
+        except StallError as e:
+            problems.append(f"{url}: no answer ({e})")
+            continue
         except (FileNotFoundError, OSError) as e:
             problems.append(f"{url}: missing ({type(e).__name__})")
             continue
