@@ -29,7 +29,7 @@ class ConfigError(ValueError):
     """Every problem found in a configuration, one per line."""
 
     def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = problems
+        self.problems, self.source = problems, source
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
 

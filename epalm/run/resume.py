@@ -54,7 +54,7 @@ def agreed_resume(
     """`resolve_resume` on rank 0 (which holds the run lock, so it also makes the head), its answer on every
     rank: one verification, and the same checkpoint, or the same ConfigError, everywhere. A fresh start
     (`resume` None) goes through `fresh_start` the same way."""
-    outcome: tuple[str | None, list[str]] = (None, [])
+    outcome: tuple[str | None, list[str], str] = (None, [], "config")
     if info.rank == 0:
         try:
             if resume is None:
@@ -62,14 +62,14 @@ def agreed_resume(
                 path = None
             else:
                 path = resolve_resume(resume, run_dir, make_head=True)
-            outcome = (None if path is None else str(path), [])
+            outcome = (None if path is None else str(path), [], "config")
         except ConfigError as e:
-            outcome = (None, e.problems)
+            outcome = (None, e.problems, e.source)
         except Exception as e:  # never leave the other ranks waiting in the broadcast
-            outcome = (None, [f"--resume {resume}: {type(e).__name__}: {e}"])
-    path, problems = broadcast_from_rank0(outcome, info)
+            outcome = (None, [f"--resume {resume}: {type(e).__name__}: {e}"], "config")
+    path, problems, source = broadcast_from_rank0(outcome, info)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, source)
     return None if path is None else Path(path)
 
 
