@@ -49,7 +49,7 @@ def test_a_fresh_start_into_a_used_run_dir_is_refused_then_moved_aside(tmp_path)
     run = tmp_path / "run"
     assert _train(config).returncode == 0
     before = _files(run)
-    old_id = json.loads((run / layout.LINEAGE).read_text())[layout.RUN_ID]
+    old_id = json.loads((run / "checkpoints/step_00000004" / layout.TRAINER_STATE).read_text())[layout.RUN_ID]
 
     r = _train(config, "train.max_steps=2")  # no --resume: the old run must survive, untouched
     assert r.returncode == 2, r.stderr[-3000:]
@@ -63,7 +63,8 @@ def test_a_fresh_start_into_a_used_run_dir_is_refused_then_moved_aside(tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (moved,) = tmp_path.glob("run.moved-*")
     assert _files(moved) == before  # the old run, whole, beside the new one
-    assert json.loads((run / layout.LINEAGE).read_text())[layout.RUN_ID] != old_id
+    new_id = json.loads((run / "checkpoints/step_00000002" / layout.TRAINER_STATE).read_text())[layout.RUN_ID]
+    assert new_id != old_id and json.loads((run / layout.LINEAGE).read_text())[layout.RUN_ID] == new_id
     assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_00000002"]
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == [1, 2]
 

@@ -247,6 +247,7 @@ class Trainer:
 
     def _final_outputs(self) -> None:
         """After a completed run: the test split of a captioning run, then report.md (rank 0)."""
+        self.watchdog.phase = "in the final evaluation"
         if self.evaluation is not None and self.evaluation.test is not None:
             self.ds.eval()
             self.metrics.log_eval(self.step, self.evaluation.final(self.eval_ctx, self.step))
