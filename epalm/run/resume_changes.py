@@ -6,7 +6,8 @@ with (kept in its trainer_state.json), every difference is logged, and each kind
   config there (a restored LambdaLR would keep the checkpoint's base lr);
 - what a step computes or which data it reads (batch sizes, seed, optimizer, data.train and its decoding,
   the model) breaks the exact resume: refused, unless `--allow-inexact-resume` says to apply it; the loader
-  then starts its data afresh where its saved position no longer fits (other batch or workers, data, seed);
+  then starts its data afresh where its saved position means nothing (another seed, other datasets), and
+  goes on with the interrupted epoch's rest as on another world size after another micro-batch or workers;
 - everything else (logging, evaluation, checkpoint cadence, remote-read settings) is applied as it is.
 """
 
@@ -40,8 +41,9 @@ INEXACT = (
     "data.num_workers",
     "model",
 )
-# the loader's saved position means nothing after these: it restarts at the beginning of the data
-LOADER = ("train.micro_batch_size", "train.seed", "data.train", "data.num_workers")
+# the loader's saved position means nothing after these: it restarts at the beginning of the data (another
+# micro-batch or worker count is a new partition, which the loader itself carries over: epalm.data.resumable)
+LOADER = ("train.seed", "data.train")
 NOT_COMPARED = ("run_dir", "train.init_adapter")  # a resume loads the checkpoint, never the initial adapter
 
 
