@@ -26,7 +26,7 @@ SCORES = "scores.json"  # in every evaluation output directory
 LOCK = "run.lock"
 STOPPED = "stopped_by_signal.json"  # for launchers that do not pass the exit code on (torchrun)
 TRACKER = "tracker.json"  # the external tracker's run id and the last step handed to it (never sent twice)
-LINEAGE = "run.json"  # {"run_id": ...}: the run this directory holds; `--resume auto` takes only its checkpoints
+LINEAGE = "run.json"  # {"run_id": ...}: the run this directory holds; --resume auto takes only its steps
 HEARTBEATS = "heartbeat"  # rank-NNNNN.json per rank: its step, phase and last sign of life (the watchdog's)
 MOVED_ASIDE = "{name}.moved-{stamp}"  # beside run_dir: where --move-aside puts the run a fresh start found
 
