@@ -85,6 +85,23 @@ def test_each_kind_of_change_has_its_rule():
     assert not compare(dataclasses.asdict(old), lr_only).fresh_loader  # the loader's position still fits
 
 
+def test_new_paths_to_the_same_shards_are_no_change():
+    """http -> pipe: (or a mirror): when the manifests' digests agree the resume stays exact; a weight change
+    or other shards are still a data change."""
+    tree = tiny_tree()
+    tree["data"] = {"train": [{"path": "http://127.0.0.1:8000/a"}, {"path": "/data/b", "weight": 2.0}]}
+    old = build_config(tree)
+    moved = [
+        dataclasses.replace(d, path=f"pipe:cat /mirror/{i}/{{name}}") for i, d in enumerate(old.data.train)
+    ]
+    new = dataclasses.replace(old, data=dataclasses.replace(old.data, train=moved))
+    assert not compare(dataclasses.asdict(old), new, same_data=True).changed
+    assert compare(dataclasses.asdict(old), new, same_data=False).inexact == ["data.train"]
+    reweighted = [dataclasses.replace(d, weight=d.weight * 2) for d in moved]
+    other = dataclasses.replace(old, data=dataclasses.replace(old.data, train=reweighted))
+    assert compare(dataclasses.asdict(old), other, same_data=True).inexact == ["data.train"]
+
+
 def test_apply_schedule_rebuilds_the_lr_at_the_restored_step():
     def engine(train):
         groups = [{"name": "connector", "params": [torch.nn.Parameter(torch.zeros(2))], "lr": train.lr},

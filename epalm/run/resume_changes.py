@@ -14,7 +14,10 @@ with (kept in its trainer_state.json), every difference is logged, and each kind
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from epalm.config import Config, ConfigError, read_config_tree
@@ -102,20 +105,46 @@ def checkpoint_config(step_dir: Path, state: dict) -> dict | None:
         return None
 
 
-def compare(old: dict, cfg: Config) -> ResumeChanges:
+def data_identity(shard_lists: Sequence) -> list[str]:
+    """Per training dataset, a digest of what its manifest lists (shard names, sample counts, sizes, SHA-256):
+    the same shards read through another path (http -> pipe:, a mirror, a copy) give the same digests."""
+    return [
+        hashlib.sha256(json.dumps([s.names, s.counts, s.sizes, s.sha256]).encode()).hexdigest()[:16]
+        for s in shard_lists
+    ]
+
+
+def _paths_only(old: object, new: object) -> bool:
+    """Two `data.train` lists that differ in their paths alone (weights, modalities and order kept)."""
+    if not (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)):
+        return False
+    strip = lambda entries: [{k: v for k, v in e.items() if k != "path"} for e in entries]  # noqa: E731
+    return strip(old) == strip(new)
+
+
+def compare(old: dict, cfg: Config, same_data: bool = False) -> ResumeChanges:
+    """The differences; with `same_data` (the manifests' digests agree) new paths to the same shards are none."""
     before, after = _flat(old), _flat(dataclasses.asdict(cfg))
     keys = [k for k in after if not _under(k, NOT_COMPARED)]
     keys += [k for k in before if k not in after and not _under(k, NOT_COMPARED)]
-    return ResumeChanges({k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)})
+    changed = {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)}
+    if same_data and "data.train" in changed and _paths_only(*changed["data.train"]):
+        log.info(
+            "resume: data.train reads the same shards through new paths: %s", changed.pop("data.train")[1]
+        )
+    return ResumeChanges(changed)
 
 
-def check_resume_changes(step_dir: Path, state: dict, cfg: Config, allow_inexact: bool) -> ResumeChanges:
-    """The differences, logged (call on one rank); ConfigError naming FLAG for inexact ones without it."""
+def check_resume_changes(
+    step_dir: Path, state: dict, cfg: Config, allow_inexact: bool, data: list[str] | None = None
+) -> ResumeChanges:
+    """The differences, logged (call on one rank); ConfigError naming FLAG for inexact ones without it.
+    `data`: this run's `data_identity`, compared with the one the checkpoint recorded."""
     old = checkpoint_config(step_dir, state)
     if old is None:
         log.warning("resume: %s records no config; changes to it cannot be checked", step_dir)
         return ResumeChanges({})
-    changes = compare(old, cfg)
+    changes = compare(old, cfg, same_data=data is not None and state.get("data_identity") == data)
     if changes.inexact and not allow_inexact:
         raise ConfigError(
             [

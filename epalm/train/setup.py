@@ -22,7 +22,7 @@ from epalm.distributed import DistInfo, broadcast_from_rank0
 from epalm.evaluation.hook import GenerationEval, build_generation_eval
 from epalm.run.manifest import read_trainer_state
 from epalm.run.resume import agreed_resume
-from epalm.run.resume_changes import ResumeChanges, check_resume_changes
+from epalm.run.resume_changes import ResumeChanges, check_resume_changes, data_identity
 from epalm.train.ds_config import build_ds_config
 from epalm.train.optimizer import choose_optimizer
 
@@ -89,19 +89,22 @@ def build_train_setup(
     total = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(loader) / accum)
     run_dir = Path(cfg.run_dir)
     resume_from = agreed_resume(resume, run_dir, info, move_aside)  # verified; a bad newest step is skipped
-    changes = None if resume_from is None else agreed_changes(resume_from, cfg, info, allow_inexact)
+    data = data_identity([plan.shards for plan in loader.plans])
+    changes = None if resume_from is None else agreed_changes(resume_from, cfg, info, allow_inexact, data)
     return TrainSetup(
         cfg, info, ds_config, loader, val_loaders, tokenizer, total, resume_from, run_dir, evaluation, changes
     )
 
 
-def agreed_changes(step_dir: Path, cfg: Config, info: DistInfo, allow_inexact: bool) -> ResumeChanges:
+def agreed_changes(
+    step_dir: Path, cfg: Config, info: DistInfo, allow_inexact: bool, data: list[str]
+) -> ResumeChanges:
     """Rank 0 compares (and logs), every rank gets its answer or the same ConfigError."""
     outcome: tuple[ResumeChanges | None, list[str]] = (None, [])
     if info.rank == 0:
         try:
             state = read_trainer_state(step_dir)
-            outcome = (check_resume_changes(step_dir, state, cfg, allow_inexact), [])
+            outcome = (check_resume_changes(step_dir, state, cfg, allow_inexact, data), [])
         except ConfigError as e:
             outcome = (None, e.problems)
         except Exception as e:  # never leave the other ranks waiting in the broadcast
