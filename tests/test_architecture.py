@@ -167,6 +167,7 @@ def test_each_shared_fact_is_defined_once():
     # the run directory's names: one module says them, everything else imports them
     names = ("metrics.jsonl", "summary.json", "best.json", "report.md", "ds_config.json", "run.lock")
     names += ("stopped_by_signal.json", "trainer_state.json", "checkpoint_manifest.json", "scores.json")
+    names += ("trainable_state.pt",)
     for name in names:
         assert _defined_in(rf"[\"']{re.escape(name)}[\"']") == ["epalm/run/layout.py"], name
     quoted_dirs = r"/ [\"'](checkpoints|adapter|best|eval|tb)[\"']"

@@ -24,14 +24,11 @@ import torch
 from epalm.atomic import write_text_atomic
 from epalm.config import Config
 from epalm.run.adapter import save_adapter
-from epalm.run.layout import ADAPTER, LATEST, TAG, TRAINER_STATE, tag_for
+from epalm.run.layout import ADAPTER, LATEST, PORTABLE, TAG, TRAINER_STATE, tag_for
 from epalm.run.manifest import read_trainer_state, verify_checkpoint, write_manifest
 from epalm.run.resume import read_latest
 
 # inside a step directory, beside DeepSpeed's files (to move to epalm.run.layout with the other names)
-PORTABLE = (
-    "trainable_state.pt"  # full fp32 adapter, Adam moments, steps, scheduler: any world size, any stage
-)
 
 
 def rng_state() -> dict:

@@ -40,6 +40,7 @@ RUN_ID = (
     "run_id"  # the TRAINER_STATE key of the run's id: made at a fresh start, kept by every resume (W&B's id)
 )
 CHECKPOINT_MANIFEST = "checkpoint_manifest.json"  # sizes and SHA-256 of every file, written last
+PORTABLE = "trainable_state.pt"  # full fp32 adapter, Adam moments, steps, scheduler: any world size or stage
 
 ADAPTER_WEIGHTS = "adapter.safetensors"  # inside an adapter export, beside CONFIG
 FROZEN = "frozen"  # inside an adapter export: small local frozen parts (tokenizer, tiny encoder) copied in
