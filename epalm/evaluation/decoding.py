@@ -34,12 +34,15 @@ _NEG = -1.0e9  # "no hypothesis": the additive mask transformers' beam search us
 
 
 class _Decoder:
-    """Holds the growing sequences and (optionally) the cache; returns next-token log-probs."""
+    """Holds the growing sequences and (optionally) the cache; returns next-token log-probs. With a cache, the
+    prompt runs once per item and its cache is repeated for the `beams` (they start identical): transformers runs it
+    once per beam, which with eP-ALM's longer prompt costs ~20% of a beam search (docs/benchmarks.md, decoding)."""
 
-    def __init__(self, model, input_ids, attention_mask, visual, prompt, use_cache):
+    def __init__(self, model, input_ids, attention_mask, visual, prompt, use_cache, beams: int = 1):
         self.model, self.visual, self.prompt = model, visual, prompt
         self.ids, self.mask = input_ids, attention_mask
         self.cache = DynamicCache(config=model.lm.config) if use_cache else None
+        self.beams = beams if use_cache else 1
         self.started = False
 
     def logprobs(self) -> torch.Tensor:
@@ -52,8 +55,15 @@ class _Decoder:
             cache=self.cache,
             logits_to_keep=1,
         )
+        out = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        if not self.started and self.beams > 1:
+            self.cache.batch_repeat_interleave(self.beams)
+            expand = lambda t: None if t is None else t.repeat_interleave(self.beams, dim=0)  # noqa: E731
+            self.ids, self.mask, self.visual, self.prompt, out = map(
+                expand, (self.ids, self.mask, self.visual, self.prompt, out)
+            )
         self.started = True
-        return torch.log_softmax(logits[:, -1].float(), dim=-1)
+        return out
 
     def append(self, tokens: torch.Tensor, order: torch.Tensor | None = None) -> None:
         if order is not None:  # beams were re-ranked: reorder every per-row state
@@ -97,6 +107,8 @@ class Decoding:
     temperature: float = 1.0
     top_k: int = 50
     top_p: float = 1.0
+    static_cache: bool = False  # preallocated keys/values appended in place (static_decoding.py): same tokens
+    compile: bool = False  # static cache + a torch.compile'd step (CUDA graphs on a GPU); not under ZeRO-3
 
     @classmethod
     def from_config(cls, ev: EvalConfig, **changes) -> Decoding:
@@ -131,6 +143,8 @@ def generate(
         raise ValueError("generation needs left-padded inputs (tokenize with padding_side='left')")
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if (d.compile or d.static_cache) and not d.use_cache:
+        raise ValueError("static_cache / compile decode from a KV cache: they need use_cache=True")
     if do_sample:
         check_sampling(d.temperature, d.top_k, d.top_p)
         if num_beams > 1:
@@ -140,10 +154,16 @@ def generate(
     batch, device = input_ids.shape[0], input_ids.device
     visual = model.visual_tokens(media, encoder_states)
     prompt = model.prompt_embeds(batch)
-    if num_beams > 1:
+    if num_beams > 1 and not d.use_cache:  # recomputing every step: one row per beam from the start
         expand = lambda t: None if t is None else t.repeat_interleave(num_beams, dim=0)  # noqa: E731
         input_ids, attention_mask, visual, prompt = map(expand, (input_ids, attention_mask, visual, prompt))
-    decoder = _Decoder(model, input_ids, attention_mask, visual, prompt, d.use_cache)
+    decoder = _Decoder(model, input_ids, attention_mask, visual, prompt, d.use_cache, num_beams)
+    if d.static_cache or d.compile:
+        from epalm.evaluation.static_decoding import StaticDecoder
+
+        decoder = StaticDecoder(
+            model, input_ids, attention_mask, visual, prompt, max_new_tokens, d.compile, num_beams
+        )
     if num_beams > 1:
         search = _Beam(batch, num_beams, max_new_tokens, eos_token_id, pad_token_id, d.length_penalty, device)
     else:
