@@ -15,12 +15,10 @@ from pathlib import Path
 
 MODULES = [
     "generation",
-    "decoding",
     "builder",
     "loader",
     "zero",
     "features",
-    "mfu",
     "preemption",
     "extract",
     "eval_padding",
