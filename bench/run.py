@@ -15,10 +15,12 @@ from pathlib import Path
 
 MODULES = [
     "generation",
+    "decoding",
     "builder",
     "loader",
     "zero",
     "features",
+    "mfu",
     "preemption",
     "extract",
     "eval_padding",
