@@ -1,10 +1,11 @@
 """GPU check of training at full size: eP-ALM pt-L (OPT-6.7B + ViT-L/16, launch/configs/image/vqa_v2_pt_L.yaml)
 with random weights built on the GPU (ZeRO-0/2) or under `deepspeed.zero.Init` (ZeRO-3), never on the host.
 
-One process, one engine after another through `epalm.train.engine.build_engine`: bf16 at ZeRO-0/2/3 x micro-batch
-16/64, ZeRO-3 with quantized frozen weights (`zero_quantized_nontrainable_weights`), and one fp16 step.
-Per measurement: samples/s, MFU against 989 TFLOP/s dense bf16, peak memory, and the memory planner's figure
-(epalm/train/memory_plan.py). One summary line each; everything in OUT/gpu_train.json. A measurement that fails
+One process, one engine after another through `epalm.train.engine.build_engine`, micro-batches 16 and 64, bf16:
+the engines of `--ds_config auto` (no sharding, ZeRO-2, sharded ZeRO-3, ZeRO-3 with the frozen weights kept
+gathered, and what auto picks on this GPU), ZeRO-3 with quantized frozen weights, and one fp16 step. Per
+measurement: samples/s beside the time plan's prediction (epalm/train/time_plan.py), MFU against 989 TFLOP/s
+dense bf16, peak memory beside the memory planner's figure (epalm/train/memory_plan.py). One summary line each; everything in OUT/gpu_train.json. A measurement that fails
 (out of memory, an op that cannot build) is recorded with its error and the others still run.
 
 `--dry-run`: the same code path on CPU with a tiny OPT/ViT (CI runs it through tests/gpu/run.sh --dry-run).
@@ -31,24 +32,24 @@ TINY = {  # --dry-run: a 32-layer OPT of width 32 (pt-L's schedule: layers 19..3
     "lm": dict(hidden_size=32, num_attention_heads=4, ffn_dim=64, vocab_size=320, word_embed_proj_dim=32),
     "encoder": dict(img_size=16, patch_size=8, embed_dim=24, depth=6, num_heads=2),
 }  # fmt: skip
-# (name, ZeRO stage, precision, micro-batch, extra zero_optimization keys, timed steps)
+# (name, engine, precision, micro-batch, extra zero_optimization keys, timed steps). Engines are --ds_config auto's
+# (epalm/train/engine_choice.py): "zero3" is its sharded ZeRO-3 (ds_configs/zero3_frozen.json), "auto" what it picks
+# for this GPU (measured again only when it picks none of the rows already measured at that micro-batch).
+ENGINES = ("zero0", "zero2", "zero3", "zero3_whole_frozen", "auto")
 MEASUREMENTS = [
-    ("zero0-mb16", 0, "bf16", 16, {}, None),
-    ("zero0-mb64", 0, "bf16", 64, {}, None),
-    ("zero2-mb16", 2, "bf16", 16, {}, None),
-    ("zero2-mb64", 2, "bf16", 64, {}, None),
-    ("zero3-mb16", 3, "bf16", 16, {}, None),
-    ("zero3-mb64", 3, "bf16", 64, {}, None),
-    ("zero3-quantized-frozen-mb16", 3, "bf16", 16, {"zero_quantized_nontrainable_weights": True}, None),
-    ("fp16-zero2-mb16-one-step", 2, "fp16", 16, {}, 1),
+    (f"{e if e != 'auto' else 'zero-auto'}-mb{m}", e, "bf16", m, {}, None) for e in ENGINES for m in (16, 64)
+]
+MEASUREMENTS += [
+    ("zero3-quantized-frozen-mb16", "zero3", "bf16", 16, {"zero_quantized_nontrainable_weights": True}, None),
+    ("fp16-zero2-mb16-one-step", "zero2", "fp16", 16, {}, 1),
 ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu_check"))
-    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--text-tokens", type=int, default=32)
     p.add_argument("--only", nargs="*", help="run only these measurement names")
     p.add_argument(
@@ -80,17 +81,9 @@ def build_cfg(dry_run: bool, micro: int, world: int, steps: int):
     return build_config(tree, source=str(CONFIG))
 
 
-def ds_config_for(stage: int, extra: dict) -> dict:
-    from epalm.train.ds_config import load_ds_config
-
-    base = load_ds_config(ROOT / "ds_configs" / f"zero{stage}.json")
-    base["zero_optimization"] = {**base.get("zero_optimization", {}), **extra}
-    return base
-
-
 def flops_per_sample(model, text_tokens: int) -> tuple[float, int, int]:
     """4 N_lm x LM tokens (frozen LM fwd + bwd) + ViT forward; N from the built model (ZeRO-3 aware)."""
-    from bench.features import lm_train_flops, vit_forward_flops
+    from epalm.train.time_plan import lm_train_flops, vit_forward_flops
 
     def count(module, skip: str) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for n, p in module.named_parameters() if skip not in n)
@@ -130,7 +123,7 @@ def build_on_device(stage: int, ds_config: dict, device):
     return original, build
 
 
-def measure(args, name: str, stage: int, precision: str, micro: int, extra: dict, steps: int | None, info):
+def measure(args, name: str, engine: str, precision: str, micro: int, extra: dict, steps: int | None, info):
     import torch
 
     import epalm.train.engine as engine_mod
@@ -144,7 +137,12 @@ def measure(args, name: str, stage: int, precision: str, micro: int, extra: dict
     if args.dry_run:
         micro = max(1, micro // 8)
     cfg = build_cfg(args.dry_run, micro, info.world_size, warmup + steps)
-    ds_config = build_ds_config(ds_config_for(stage, extra), cfg.train, info.world_size, precision, cuda)
+    from tests.gpu.engines import ds_config_for, predicted_samples_per_s
+
+    engine_name, base = ds_config_for(engine, extra, cfg, info.world_size, precision)
+    stage = base["zero_optimization"]["stage"]
+    ds_config = build_ds_config(base, cfg.train, info.world_size, precision, cuda)
+    predicted = predicted_samples_per_s(cfg, info.world_size, engine_name, base, precision, args.text_tokens)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.empty_cache()
@@ -188,30 +186,26 @@ def measure(args, name: str, stage: int, precision: str, micro: int, extra: dict
     step_s = statistics.median(t for t, _ in timed)
     samples_per_s = micro * info.world_size / step_s
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    plan = plan_memory(cfg, info.world_size, stage, micro, precision, args.text_tokens)
+    plan = plan_memory(
+        cfg, info.world_size, stage, micro, precision, args.text_tokens, zero_config=base["zero_optimization"]
+    )
     engine = model = eng = None  # drop the engine before the next one is built
     gc.collect()
     return {
-        "name": name,
-        "zero_stage": stage,
-        "precision": precision,
-        "zero_extra": extra,
-        "micro_batch": micro,
-        "world_size": info.world_size,
-        "text_tokens": args.text_tokens,
-        "n_lm": n_lm,
-        "n_encoder": n_enc,
-        "build_s": round(build_s, 2),
+        "name": name, "engine": engine_name, "zero_stage": stage, "precision": precision, "zero_extra": extra,
+        "micro_batch": micro, "world_size": info.world_size, "text_tokens": args.text_tokens, "n_lm": n_lm,
+        "n_encoder": n_enc, "build_s": round(build_s, 2),
         "steps": steps,
         "step_s_median": step_s,
         "samples_per_s": samples_per_s,
         "flops_per_sample": flops,
         "mfu": flops * samples_per_s / info.world_size / BF16_PEAK,
         "peak_memory_bytes": peak,
-        "planned_bytes_per_gpu": plan.total_bytes_per_gpu,
+        "planned_bytes_per_gpu": plan.planned_bytes_per_gpu,
+        "predicted_samples_per_s": predicted,
         "planned_last_line": plan.last_line(),
         "losses": [loss for _, loss in timed],
-    }
+    }  # fmt: skip
 
 
 def summary(r: dict) -> str:
@@ -219,8 +213,9 @@ def summary(r: dict) -> str:
         return f"RESULT {r['name']}: FAILED ({r['error'].splitlines()[-1][:200]})"
     mem = "n/a (CPU)" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f} GiB"
     return (
-        f"RESULT {r['name']}: ZeRO-{r['zero_stage']} {r['precision']} micro-batch {r['micro_batch']}: "
-        f"{r['samples_per_s']:.1f} samples/s, step {r['step_s_median'] * 1e3:.0f} ms, MFU {r['mfu']:.1%} "
+        f"RESULT {r['name']}: {r['engine']} (ZeRO-{r['zero_stage']}) {r['precision']} micro-batch {r['micro_batch']}: "
+        f"{r['samples_per_s']:.1f} samples/s (predicted {r['predicted_samples_per_s']:.1f}), "
+        f"step {r['step_s_median'] * 1e3:.0f} ms, MFU {r['mfu']:.1%} "
         f"of {BF16_PEAK / 1e12:.0f} TFLOP/s, peak memory {mem} (planned {r['planned_bytes_per_gpu'] / 2**30:.1f} "
         f"GiB), build {r['build_s']:.0f} s"
     )
@@ -237,12 +232,25 @@ def main(argv: list[str] | None = None) -> int:
         print("SKIP: no CUDA device (use --dry-run to exercise the code path on CPU)", flush=True)
         return 0
     from epalm.distributed import init_distributed
+    from tests.gpu.engines import auto_pick
 
     info = init_distributed()
     results = []
-    for name, stage, precision, micro, extra, steps in MEASUREMENTS:
+    done: dict[tuple[str, int], dict] = {}  # (engine, micro-batch) -> its measurement
+    for name, engine, precision, micro, extra, steps in MEASUREMENTS:
         if args.only and name not in args.only:
             continue
+        if engine == "auto":
+            picked = auto_pick(
+                build_cfg(args.dry_run, max(1, micro // 8) if args.dry_run else micro, info.world_size, 1),
+                info.world_size,
+            )
+            if (picked, micro) in done:  # auto's engine was measured at this micro-batch: that row stands
+                r = {**done[(picked, micro)], "name": name, "auto_picked": picked}
+                results.append(r)
+                if info.rank == 0:
+                    print(summary(r), flush=True)
+                continue
         if precision == "fp16" and not cuda:
             results.append(
                 {"name": name, "skipped": "fp16 needs CUDA (epalm.train.engine refuses it on CPU)"}
@@ -250,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"RESULT {name}: SKIPPED on CPU (fp16 needs CUDA)", flush=True)
             continue
         try:
-            r = measure(args, name, stage, precision, micro, extra, steps, info)
+            r = measure(args, name, engine, precision, micro, extra, steps, info)
+            if not extra and precision == "bf16":
+                done[(r["engine"], micro)] = r
         except Exception as e:  # OOM or an op that cannot build: record it, run the rest
             r = {
                 "name": name,

@@ -2,9 +2,13 @@
 # The whole GPU check in one command, for a machine with one CUDA GPU and no network (bounded to 6 minutes):
 #   0. installs the wheels tests/gpu/prepare.sh put in .whl/ (deepspeed, webdataset, transformers pin, ...)
 #      with `pip install --no-index --target .cache/gpu_site` and puts that first on PYTHONPATH;
-#   a. training at full size (tests/gpu/check_train.py): pt-L, bf16, ZeRO-0/2/3 x micro-batch 16/64, ZeRO-3 with
-#      quantized frozen weights, one fp16 step: samples/s, MFU, peak memory;
-#   b. generation throughput (tests/gpu/check_generation.py, if present): beam 3, batch 64, 30 new tokens, cache;
+#   a. training at full size (tests/gpu/check_train.py): pt-L, bf16, micro-batch 16/64 under each engine of
+#      --ds_config auto (zero0, zero2, sharded zero3, zero3_whole_frozen, and what auto picks here), ZeRO-3 with
+#      quantized frozen weights, one fp16 step: samples/s beside the time plan's prediction, MFU, peak memory
+#      beside the memory plan;
+#   b. decoding (tests/gpu/check_generation.py, if present): greedy and beam 3, batch 64, 30 new tokens, default,
+#      static cache, compiled (CUDA graphs) and stock generate, each against the weight-reading roofline from the
+#      bandwidth measured in the same call;
 #   c. feature extraction (tests/gpu/check_extract.py, if present).
 # One summary line per measurement ("RESULT ..."); JSONs in $OUT (else runs/gpu_check/), merged into gpu_check.json.
 #
@@ -12,7 +16,8 @@
 #   bash tests/gpu/run.sh            # on the GPU machine; "SKIP" and exit 0 when there is no CUDA
 #   bash tests/gpu/run.sh --dry-run  # CPU, tiny shapes, same scripts and code path (CI runs this)
 #
-# STATUS (2026-12-01): NOT YET RUN ON A GPU. prepare.sh was run (10 wheels, 21 MiB). On CPU, check_train.py --dry-run
+# STATUS (2026-12-06): NOT YET RUN ON A GPU (none was available to the engine/decoding change either; its --dry-run
+# passed on CPU). Earlier (2026-12-01): prepare.sh was run (10 wheels, 21 MiB). On CPU, check_train.py --dry-run
 # passed ZeRO-0/2 at both micro-batches in one process; the ZeRO-3 path (zero.Init + no_init_weights) and this
 # script end to end under the launcher were not verified (the shared CPU machine was too loaded to finish them).
 set -euo pipefail
@@ -66,7 +71,7 @@ status=0
 port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 set +e
 # a. training: under the deepspeed launcher (as launch/train.py runs), one rank
-timeout "$(budget 90)" "$PY" -m deepspeed.launcher.runner --num_gpus 1 --master_port "$port" \
+timeout "$(budget 150)" "$PY" -m deepspeed.launcher.runner --num_gpus 1 --master_port "$port" \
   tests/gpu/check_train.py --out "$out" $flag 2>&1 | tee "$out/gpu_train.log" | grep -E "^(RESULT|SKIP|wrote|device)"
 rc=${PIPESTATUS[0]}
 [[ $rc != 0 ]] && { echo "FAIL: check_train.py exited $rc (log: $out/gpu_train.log)"; status=1; }
