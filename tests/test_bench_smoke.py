@@ -80,16 +80,20 @@ def test_frozen_resident_bytes_counts_shards_and_tied_weights_once():
     assert zero.frozen_resident_bytes(Tiny()) == 10 * 4 * 2 + 3 * 4
 
 
-def test_zero_table_ratios():
-    def ranks(step, peak, frozen):
-        r = dict(
-            step_s=step, peak_rss_steps=peak, frozen_bytes=frozen, peak_rss_lifetime=peak, rss_before=peak
-        )
-        return [r, dict(r, step_s=step / 2)]
+def test_zero_table_ratios_and_floor():
+    def rank(step0, step3, bw):
+        gathered = {"forward": [3, 2e9], "backward": [0, 0], "step": [131, 1e6]}
+        none = {"forward": [0, 0], "backward": [0, 0], "step": [0, 0]}
+        return {
+            "allgather_bytes_per_s": bw,
+            "ZeRO-0": {"step_s": step0, "frozen_bytes": 2**28, "gathers": none},
+            "ZeRO-3": {"step_s": step3, "frozen_bytes": 2**27, "gathers": gathered},
+        }
 
-    text = zero.table({0: ranks(1.0, 2**30, 2**28), 3: ranks(4.0, 2**29, 2**27)})
-    row3 = next(line for line in text.splitlines() if line.startswith("| 3 |"))
-    assert "| 4.000 | 4.00x | 512 | 0.50x | 128 | 0.50x |" in row3
+    text, f = zero.table([rank(1.0, 4.0, 1e9), rank(0.5, 2.0, 2e9)], ["ZeRO-0", "ZeRO-3"])
+    row3 = next(line for line in text.splitlines() if line.startswith("| ZeRO-3 |"))
+    assert "| 4.000 | 4.00x | 128 | 3 / 0 / 131 | 2000 / 0 / 1 |" in row3
+    assert f["floor"]["ZeRO-3"] == pytest.approx(1.0 + 2.001e9 / 1e9)
 
 
 def test_helpers():
