@@ -3,8 +3,6 @@ GPU generation check runs its CPU dry run."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -56,17 +54,3 @@ def test_bad_sampling_settings_are_an_error(adapter_and_image, capsys, flags, me
     adapter, png = adapter_and_image
     code, _, err = cli(capsys, "--adapter", str(adapter), "--image", str(png), "--do-sample", *flags)
     assert code == 2 and message in err
-
-
-def test_gpu_generation_check_dry_run(tmp_path, capsys):
-    from tests.gpu import check_generation
-
-    argv = ["--dry-run", "--batch", "2", "--new-tokens", "4", "--repeats", "1", "--out", str(tmp_path)]
-    assert check_generation.main(argv) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    result = json.loads((tmp_path / "gpu_generation.json").read_text())
-    assert set(result["new_tokens_per_s"]) == {"new", "old", "hf"}
-    assert result["new_over_hf"] == pytest.approx(
-        result["new_tokens_per_s"]["new"] / result["new_tokens_per_s"]["hf"]
-    )
-    assert "generation beam 3 batch 2" in line

@@ -1,5 +1,6 @@
 """The GPU check's scripts: run.sh --dry-run drives check_train.py through the deepspeed launcher on CPU with a
-tiny model through the same code path as on the GPU (every measurement attempted); prepare.sh's wheel set."""
+tiny model through the same code path as on the GPU (every measurement attempted); prepare.sh's wheel set;
+check_generation.py --dry-run on its own (every decoding path, the same tokens)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,21 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert by_name["zero3-mb64"]["micro_batch"] > by_name["zero3-mb16"]["micro_batch"]
     assert "skipped" in by_name["fp16-zero2-mb16-one-step"]  # fp16 needs CUDA; the product refuses it on CPU
     assert json.loads((tmp_path / "gpu_check.json").read_text())["gpu_train"] == doc
+
+
+def test_gpu_generation_check_dry_run(tmp_path, capsys):
+    from tests.gpu import check_generation
+
+    argv = ["--dry-run", "--batch", "2", "--new-tokens", "4", "--repeats", "1", "--out", str(tmp_path)]
+    assert check_generation.main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("RESULT generation-")]
+    result = json.loads((tmp_path / "gpu_generation.json").read_text())
+    assert result["same_tokens"] is True
+    rows = {(r["decoding"], r["path"]): r for r in result["results"]}
+    paths = {"default", "static", "compiled", "hf"}
+    assert set(rows) == {(d, p) for d in ("greedy", "beam3") for p in paths}
+    assert len(lines) == len(rows)
+    for row in rows.values():
+        assert row["new_tokens_per_s"] == pytest.approx(2 * 4 / row["seconds"])
+        assert row["of_roofline"] == pytest.approx(row["new_tokens_per_s"] / row["roofline_tokens_per_s"])
+    assert any(line.startswith("RESULT generation-beam3-compiled: batch 2") for line in lines)
