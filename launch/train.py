@@ -1,6 +1,6 @@
 """Train eP-ALM with DeepSpeed: the script every launcher starts, one process per rank. See docs/training.md.
 
-    deepspeed --num_gpus 4 launch/train.py --ds_config ds_configs/zero3.json \\
+    deepspeed --num_gpus 4 launch/train.py --ds_config auto \\
         --config launch/configs/image/vqa_v2.yaml [--resume auto|PATH] [--precision bf16] [key=value ...]
 
 Also runs under `torchrun --nproc_per_node N`, `mpirun -np N python` and `srun python` (one task per GPU).

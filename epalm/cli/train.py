@@ -1,7 +1,7 @@
 """The trainer's command line: one rank of a DeepSpeed run, started by any launcher. `launch/train.py` (what
 the launchers and docs name) and the `epalm-train` console script both run `entry`; see docs/training.md.
 
-    deepspeed --num_gpus 4 launch/train.py --ds_config ds_configs/zero3.json \\
+    deepspeed --num_gpus 4 launch/train.py --ds_config auto \\
         --config launch/configs/image/vqa_v2.yaml [--resume auto|PATH] [--precision bf16] [key=value ...]
     torchrun --nproc_per_node 4 --no-python epalm-train --config ... [key=value ...]
 

@@ -10,7 +10,7 @@
 #   CONFIG       run config YAML                                             (required)
 #   NP           number of ranks, one per GPU                                (default 2)
 #   HOSTFILE     Open MPI hostfile, lines like "node1 slots=8"; without it every rank runs on this host
-#   DS_CONFIG    DeepSpeed JSON                                              (default ds_configs/zero3.json)
+#   DS_CONFIG    DeepSpeed JSON, or auto (the fastest engine that fits)      (default auto)
 #   PRECISION    fp32 | bf16 | fp16, overrides the JSON's
 #   RESUME       passed to --resume                                          (default auto)
 #   PYTHON       interpreter with epalm and mpi4py installed, same path on every host (default python)
@@ -24,7 +24,7 @@ set -euo pipefail
 
 : "${CONFIG:?set CONFIG=launch/configs/... (the run config YAML)}"
 NP=${NP:-2}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
+DS_CONFIG=${DS_CONFIG:-auto}
 RESUME=${RESUME:-auto}
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")/../.."
