@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench._launch import machine_load, model_tree
+from epalm.train.time_plan import lm_train_flops, vit_forward_flops  # the FLOP model the time plan uses
 
 # ----------------------------------------------------------------------------------------- the FLOP model
 
@@ -44,17 +45,6 @@ def timesformer_params(depth: int = 12, dim: int = 768, patch: int = 16, mlp_rat
     """Divided space-time TimeSformer: a ViT block plus temporal attention, its dense layer and norm."""
     temporal = 4 * dim * dim + 4 * dim + dim * dim + dim + 2 * dim
     return vit_params(depth, dim, patch, mlp_ratio) + depth * temporal
-
-
-def lm_train_flops(n_lm: int, tokens: int) -> float:
-    """Frozen LM, forward (2N) and backward through the activations only (~2N): 4 N per token."""
-    return 4.0 * n_lm * tokens
-
-
-def vit_forward_flops(n_enc: int, depth: int, dim: int, patches: int = PATCHES) -> float:
-    """2 N per token over patches + [CLS], plus attention scores and mixing (4 n^2 d per layer)."""
-    n = patches + 1
-    return 2.0 * n_enc * n + depth * 4.0 * n * n * dim
 
 
 def timesformer_forward_flops(n_enc: int, depth: int, dim: int, frames: int, patches: int = PATCHES) -> float:
@@ -98,7 +88,7 @@ def estimate(lm: str, encoder: str, frames: int = 1, text_tokens: int = TEXT_TOK
         enc = timesformer_forward_flops(timesformer_params(depth, dim), depth, dim, frames)
         label = f"OPT-{lm} + TimeSformer-B, {frames} frames"
     else:
-        enc = vit_forward_flops(vit_params(depth, dim), depth, dim)
+        enc = vit_forward_flops(vit_params(depth, dim), depth, dim, PATCHES)
         label = f"OPT-{lm} + ViT-{encoder[-1].upper()}/16 (224)"
     return Estimate(label, lm_train_flops(n_lm, tokens), enc)
 

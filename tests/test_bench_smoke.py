@@ -44,7 +44,7 @@ def test_timesformer_params_match_transformers():
 def test_flop_model_by_hand():
     assert features.lm_train_flops(10, 4) == 160
     # ViT: 2 N n + depth * 4 n^2 d, n = 197
-    assert features.vit_forward_flops(100, depth=2, dim=8) == 2 * 100 * 197 + 2 * 4 * 197**2 * 8
+    assert features.vit_forward_flops(100, depth=2, dim=8, patches=196) == 2 * 100 * 197 + 2 * 4 * 197**2 * 8
     # TimeSformer, 2 frames: 393 tokens; spatial 2 x 197^2, temporal 196 x 2^2 per layer
     got = features.timesformer_forward_flops(100, depth=1, dim=8, frames=2)
     assert got == 2 * 100 * 393 + 4 * 8 * (2 * 197**2 + 196 * 4)
