@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from epalm.distributed import free_port
@@ -121,3 +122,20 @@ def rank_pids(root_pid: int) -> dict[int, int]:
     except psutil.NoSuchProcess:
         pass
     return ranks
+
+
+def profile_by_category(fn, categories: dict[str, tuple[str, ...]]) -> tuple[dict[str, float], float]:
+    """One profiled call of `fn`: self CPU seconds per category (operator-name prefixes, first match wins; 0 for
+    a category no operator fell in), and the call's wall seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    wall = time.perf_counter() - start
+    out = dict.fromkeys(categories, 0.0)
+    for e in prof.key_averages():
+        cat = next((c for c, names in categories.items() if e.key.startswith(names)), None)
+        if cat:
+            out[cat] += e.self_cpu_time_total / 1e6
+    return out, wall

@@ -6,11 +6,10 @@ process; tokens compared; and a torch.profiler breakdown of one default and one 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 
 import torch
 
-from bench._launch import machine_load
+from bench._launch import machine_load, profile_by_category
 from bench.generation import build_bench_model, inputs, time_paths
 from epalm.evaluation.decoding import Decoding, generate
 
@@ -55,19 +54,8 @@ def decode_calls(model, x: dict, beams: int, new_tokens: int = NEW_TOKENS) -> di
 
 def breakdown(call) -> dict[str, float]:
     """Self CPU seconds per category over one call (the rest: everything else, Python included)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        call()
-    wall = time.perf_counter() - start
-    out = defaultdict(float)
-    for e in prof.key_averages():
-        cat = next((c for c, names in CATEGORIES.items() if e.key.startswith(names)), None)
-        if cat:
-            out[cat] += e.self_cpu_time_total / 1e6
-    out["total (wall, profiled)"] = wall
-    return out
+    out, wall = profile_by_category(call, CATEGORIES)
+    return {**out, "total (wall, profiled)": wall}
 
 
 def main() -> str:

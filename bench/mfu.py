@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections import defaultdict
 
 import torch
 
-from bench._launch import machine_load, model_tree
+from bench._launch import machine_load, model_tree, profile_by_category
 
 BATCH, TEXT, THREADS, ROUNDS = 8, 30, 2, 5
 COMMAND = "python -m bench.run mfu"
@@ -116,20 +115,8 @@ def _timed(fn) -> float:
 def breakdown(fn) -> dict[str, float]:
     """Seconds per category in one profiled step; 'the rest' is wall minus the categories (other operators,
     autograd, Python)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    wall = time.perf_counter() - start
-    out = defaultdict(float)
-    for e in prof.key_averages():
-        cat = next((c for c, names in CATEGORIES.items() if e.key.startswith(names)), None)
-        if cat:
-            out[cat] += e.self_cpu_time_total / 1e6
-    out["the rest (other operators, autograd, Python)"] = wall - sum(out.values())
-    out["wall"] = wall
-    return out
+    out, wall = profile_by_category(fn, CATEGORIES)
+    return {**out, "the rest (other operators, autograd, Python)": wall - sum(out.values()), "wall": wall}
 
 
 def main() -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +15,9 @@ import torch
 
 from data_shards import writer
 from data_shards.features import input_transform, sample_input
-from epalm import atomic
 from epalm.data import schema
 from epalm.data.media import npy_bytes
 from epalm.data.stream import ShardList, iter_range
-from epalm.digest import file_sha256
 from epalm.distributed import (
     DistInfo,
     broadcast_from_rank0,
@@ -153,25 +150,9 @@ def write_shard(out: Path, name: str, bid: str, fp: dict, state: InFlight) -> di
         else:
             sid = json.loads(members[schema.JSON]).get("id") if schema.JSON in members else None
             skipped.append([sid, "encoder_error", state.failed.get(key, "no features")])
-    if samples:
-        tmp = out / f"{name}.{os.getpid()}.tmp"
-        writer.write_tar(tmp, samples)
-        os.replace(tmp, out / name)
-    else:
-        (out / name).unlink(missing_ok=True)
-    done = {
-        "name": name,
-        "build_id": bid,
-        "fingerprint": fp,
-        "num_records": len(state.samples),
-        "num_samples": len(samples),
-        "bytes": (out / name).stat().st_size if samples else 0,
-        "sha256": file_sha256(out / name) if samples else None,
-        "skipped": dict(sorted(Counter(r for _, r, _ in skipped).items())),
-        "skipped_samples": skipped,
-    }
-    atomic.write_json_atomic(out / schema.done_record_name(name), done)
-    return done
+    return writer.commit_shard(
+        out, name, samples, skipped, build_id=bid, fingerprint=fp, num_records=len(state.samples)
+    )
 
 
 def plan(out: Path, manifest: dict, shards: ShardList, ids: list[str], fp: dict) -> list[int]:

@@ -125,16 +125,21 @@ def build_shard(task: ShardTask) -> dict:
                 members[schema.FEATURES] = npy_bytes(feats[key])
         skipped += [[ids[key], "encoder_error", detail] for key, detail in failed.items()]
         samples = [s for s in samples if s[0] in feats]
+    return commit_shard(out, name, samples, skipped, build_id=build_id(task), num_records=len(task.records))
+
+
+def commit_shard(out: Path, name: str, samples: list, skipped: list[list], **identity) -> dict:
+    """Write shard `name` (tmp + rename; an empty shard is not written at all), then its done record: `identity`
+    (build id, record count...), sample count, bytes, sha256 and the skips by reason. Returns the record."""
     if samples:
         tmp = out / f"{name}.{os.getpid()}.tmp"
         write_tar(tmp, samples)
         os.replace(tmp, out / name)
     else:
-        (out / name).unlink(missing_ok=True)  # an empty shard is not written at all
+        (out / name).unlink(missing_ok=True)
     done = {
         "name": name,
-        "build_id": build_id(task),
-        "num_records": len(task.records),
+        **identity,
         "num_samples": len(samples),
         "bytes": (out / name).stat().st_size if samples else 0,
         "sha256": file_sha256(out / name) if samples else None,

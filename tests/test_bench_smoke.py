@@ -106,3 +106,14 @@ def test_helpers():
 
 
 # the GPU check's scripts and their CPU dry run: tests/test_gpu_check.py
+
+
+def test_profile_by_category_counts_operators_into_their_category():
+    import torch
+
+    from bench._launch import profile_by_category
+
+    a = torch.randn(64, 64)
+    out, wall = profile_by_category(lambda: [a @ a for _ in range(3)], {"mm": ("aten::mm",), "none": ("no::op",)})
+    assert set(out) == {"mm", "none"} and out["none"] == 0.0
+    assert 0 < out["mm"] <= wall
