@@ -1,7 +1,8 @@
-"""VQA v2 style eval shards whose questions differ in length (the demo's all share one question).
+"""VQA v2 style eval shards, among them shards whose questions differ in length (the demo's all share one
+question).
 
-Separate because a benchmark (bench/eval_padding.py) imports it as well as test_length_order.py; it builds on
-shard_fixtures.py's tar writers.
+Separate because a benchmark (bench/eval_padding.py) imports it as well as tests (test_length_order.py,
+test_distributed_eval.py); it builds on shard_fixtures.py's tar writers.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 from epalm.data import schema
@@ -41,9 +43,15 @@ def varied_question(rng: random.Random, min_words: int = 3, max_words: int = 18)
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) + "?"
 
 
-def write_varied_vqa_shards(root: Path, counts: list[int], seed: int = 0) -> Path:
-    """Shards of `counts` samples; sample i asks a question of 3..18 words (uniform) about a grey image."""
-    rng = random.Random(seed)
+def write_vqa_eval_shards(
+    root: Path,
+    counts: list[int],
+    question: Callable[[int], str],
+    shade: Callable[[int], int],
+    extra_meta: Callable[[str], dict] = lambda answer: {},
+) -> Path:
+    """VQA v2 style val shards of `counts` samples: sample i asks `question(i)` about a grey image of
+    `shade(i)`, answer "seven" or "one" in turn, plus `extra_meta(answer)` in its JSON."""
     root.mkdir(parents=True)
     shards, index = [], 0
     for s, count in enumerate(counts):
@@ -60,13 +68,20 @@ def write_varied_vqa_shards(root: Path, counts: list[int], seed: int = 0) -> Pat
                     "modality": "image",
                     "question_id": 1000 + index,
                     "image_id": index,
-                    "question": varied_question(rng),
+                    "question": question(index),
                     "answers": [{"answer": answer, "score": 1.0}],
+                    **extra_meta(answer),
                 }
                 add_member(tar, f"{key}.json", json.dumps(meta).encode())
-                add_member(tar, f"{key}.jpg", jpeg_bytes(shade=(37 * index) % 256))
+                add_member(tar, f"{key}.jpg", jpeg_bytes(shade=shade(index)))
                 index += 1
         shards.append({"name": name, "num_samples": count})
     manifest = {"num_samples": index, "shards": shards, "split": "val", "fingerprint": None}
     (root / schema.MANIFEST).write_text(json.dumps(manifest))
     return root
+
+
+def write_varied_vqa_shards(root: Path, counts: list[int], seed: int = 0) -> Path:
+    """Shards of `counts` samples; sample i asks a question of 3..18 words (uniform) about a grey image."""
+    rng = random.Random(seed)
+    return write_vqa_eval_shards(root, counts, lambda i: varied_question(rng), lambda i: (37 * i) % 256)

@@ -7,14 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from epalm.data import schema
 from epalm.data.resumable import eval_batches_per_rank
-from testing.shard_fixtures import add_member, jpeg_bytes
+from testing.length_fixtures import write_vqa_eval_shards
 from tests.test_eval_run import make_adapter
 
 NUM_SAMPLES, BATCH = 5, 2  # ranks get samples [0, 2) and [2, 5): 1 and 2 batches
@@ -22,36 +20,18 @@ NUM_SAMPLES, BATCH = 5, 2  # ranks get samples [0, 2) and [2, 5): 1 and 2 batche
 
 def write_vqa_shards(root: Path, counts: list[int]) -> Path:
     """VQA v2 style samples (10 raw answers each), the same question so no batch needs padding."""
-    root.mkdir(parents=True)
-    shards, index = [], 0
-    for s, count in enumerate(counts):
-        name = schema.shard_name("val", s)
-        with tarfile.open(root / name, "w") as tar:
-            for _ in range(count):
-                key = f"{index:09d}"
-                answer = ["seven", "one"][index % 2]
-                meta = {
-                    "id": key,
-                    "source": "vqav2",
-                    "split": "val",
-                    "task": "qa",
-                    "modality": "image",
-                    "question_id": 1000 + index,
-                    "image_id": index,
-                    "question": "what digit is this?",
-                    "answers": [{"answer": answer, "score": 1.0}],
-                    "raw_answers": [answer] * 10,
-                    "multiple_choice_answer": answer,
-                    "question_type": "what",
-                    "answer_type": "number",
-                }
-                add_member(tar, f"{key}.json", json.dumps(meta).encode())
-                add_member(tar, f"{key}.jpg", jpeg_bytes(shade=40 * index))
-                index += 1
-        shards.append({"name": name, "num_samples": count})
-    manifest = {"num_samples": index, "shards": shards, "split": "val", "fingerprint": None}
-    (root / schema.MANIFEST).write_text(json.dumps(manifest))
-    return root
+    return write_vqa_eval_shards(
+        root,
+        counts,
+        question=lambda i: "what digit is this?",
+        shade=lambda i: 40 * i,
+        extra_meta=lambda answer: {
+            "raw_answers": [answer] * 10,
+            "multiple_choice_answer": answer,
+            "question_type": "what",
+            "answer_type": "number",
+        },
+    )
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
