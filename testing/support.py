@@ -60,6 +60,7 @@ TINY_LM = dict(
     word_embed_proj_dim=32,
 )
 TINY_VIT = dict(img_size=16, patch_size=8, embed_dim=24, depth=4, num_heads=2)
+TINY_HF = dict(hidden_size=24, num_hidden_layers=4, num_attention_heads=2, intermediate_size=48)
 
 
 def tiny_tree(**adapter) -> dict:

@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_eval_run import make_adapter
-from tests.test_generate_cli import TINY_HF
+from tests.test_eval_run import make_adapter, tiny_encoder
 
 QUESTIONS = ["what digit is this?", "what?", "is this a handwritten digit seven or a three?", "digit?"]
 
@@ -109,14 +108,9 @@ def test_video_frames_give_the_files_tensor(tmp_path):
     from data_shards.demo import shape_clip, write_video
     from epalm.api import Predictor
 
-    encoder = {
-        "kind": "timesformer",
-        "name": "facebook/timesformer-base-finetuned-k600",
-        "pretrained": False,
-        "num_states": 2,
-        "config_overrides": dict(TINY_HF, image_size=16, patch_size=8, num_frames=4),
-    }
-    p = Predictor.load(make_adapter(tmp_path, encoder, modality="video", num_frames=4), device="cpu")
+    p = Predictor.load(
+        make_adapter(tmp_path, tiny_encoder("video"), modality="video", num_frames=4), device="cpu"
+    )
     assert p.modality == "video"
     clip = tmp_path / "clip.mp4"
     write_video(clip, shape_clip("left", np.random.default_rng(0)))
@@ -138,17 +132,7 @@ def test_audio_waveform_gives_the_files_tensor(tmp_path):
     from data_shards.demo import tone, write_wav
     from epalm.api import Predictor
 
-    overrides = dict(
-        TINY_HF, max_length=1024, num_mel_bins=128, patch_size=16, frequency_stride=16, time_stride=16
-    )
-    encoder = {
-        "kind": "ast",
-        "name": "MIT/ast-finetuned-audioset-10-10-0.4593",
-        "pretrained": False,
-        "num_states": 2,
-        "config_overrides": overrides,
-    }
-    p = Predictor.load(make_adapter(tmp_path, encoder, modality="audio"), device="cpu")
+    p = Predictor.load(make_adapter(tmp_path, tiny_encoder("audio"), modality="audio"), device="cpu")
     wav = tmp_path / "tone.wav"
     write_wav(wav, tone("high", np.random.default_rng(0)))
     waveform, rate = soundfile.read(str(wav), dtype="float32")

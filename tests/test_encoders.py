@@ -4,9 +4,7 @@ import torch
 
 from epalm.config import EncoderConfig
 from epalm.model.encoders import build_encoder
-from testing.support import TINY_VIT
-
-TINY_HF = dict(hidden_size=24, num_hidden_layers=4, num_attention_heads=2, intermediate_size=48)
+from testing.support import TINY_HF, TINY_VIT
 
 
 def test_vit_states_are_final_norm_of_block_outputs():

@@ -13,9 +13,36 @@ import torch
 
 from epalm.config import build_config
 from epalm.run.adapter import save_adapter
-from testing.support import tiny_tree
+from testing.support import TINY_HF, tiny_tree
 
 TEXTS = ["what digit is this?", "a handwritten digit seven", "a picture of the number three"] * 20
+
+
+TINY_ENCODERS = {  # random-weight TimeSformer / AST configs small enough for a unit test (real hub ids)
+    "video": (
+        "timesformer",
+        "facebook/timesformer-base-finetuned-k600",
+        dict(image_size=16, patch_size=8, num_frames=4),
+    ),
+    "audio": (
+        "ast",
+        "MIT/ast-finetuned-audioset-10-10-0.4593",
+        dict(max_length=1024, num_mel_bins=128, patch_size=16, frequency_stride=16, time_stride=16),
+    ),
+}
+
+
+def tiny_encoder(modality: str) -> dict:
+    """The model.encoder section of a tiny random video or audio adapter (make_adapter's `encoder`); a video
+    adapter also needs data num_frames=4."""
+    kind, name, sizes = TINY_ENCODERS[modality]
+    return {
+        "kind": kind,
+        "name": name,
+        "pretrained": False,
+        "num_states": 2,
+        "config_overrides": TINY_HF | sizes,
+    }
 
 
 def make_adapter(root: Path, encoder: dict | None = None, **data) -> Path:

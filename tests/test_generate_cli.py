@@ -14,10 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_eval_run import make_adapter
+from tests.test_eval_run import make_adapter, tiny_encoder
 
 QUESTION = "what digit is this?"
-TINY_HF = dict(hidden_size=24, num_hidden_layers=4, num_attention_heads=2, intermediate_size=48)
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -120,14 +119,7 @@ def test_image_answer_and_caption(tmp_path, capsys):
 def test_video_answer_matches_eval(tmp_path, capsys):
     from data_shards.demo import shape_clip, write_video
 
-    encoder = {
-        "kind": "timesformer",
-        "name": "facebook/timesformer-base-finetuned-k600",
-        "pretrained": False,
-        "num_states": 2,
-        "config_overrides": dict(TINY_HF, image_size=16, patch_size=8, num_frames=4),
-    }
-    adapter = make_adapter(tmp_path, encoder, modality="video", num_frames=4)
+    adapter = make_adapter(tmp_path, tiny_encoder("video"), modality="video", num_frames=4)
     (tmp_path / "videos").mkdir()
     clip = tmp_path / "videos/clip.mp4"
     write_video(clip, shape_clip("left", np.random.default_rng(0)))
@@ -153,17 +145,7 @@ def test_video_answer_matches_eval(tmp_path, capsys):
 def test_audio_caption(tmp_path, capsys):
     from data_shards.demo import tone, write_wav
 
-    overrides = dict(
-        TINY_HF, max_length=1024, num_mel_bins=128, patch_size=16, frequency_stride=16, time_stride=16
-    )
-    encoder = {
-        "kind": "ast",
-        "name": "MIT/ast-finetuned-audioset-10-10-0.4593",
-        "pretrained": False,
-        "num_states": 2,
-        "config_overrides": overrides,
-    }
-    adapter = make_adapter(tmp_path, encoder, modality="audio")
+    adapter = make_adapter(tmp_path, tiny_encoder("audio"), modality="audio")
     (tmp_path / "audios").mkdir()
     wav = tmp_path / "audios/tone.wav"
     write_wav(wav, tone("high", np.random.default_rng(0)))

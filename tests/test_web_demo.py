@@ -19,8 +19,7 @@ import pytest
 
 from epalm.distributed import free_port
 from testing.support import cpu_child_env
-from tests.test_eval_run import make_adapter
-from tests.test_generate_cli import TINY_HF
+from tests.test_eval_run import make_adapter, tiny_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -157,15 +156,12 @@ def _video_or_audio(kind: str, root: Path) -> tuple[Path, Path]:
 
     rng = np.random.default_rng(0)
     if kind == "video":
-        name, data, clip = "facebook/timesformer-base-finetuned-k600", {"num_frames": 4}, root / "clip.mp4"
-        sizes = dict(image_size=16, patch_size=8, num_frames=4)
+        data, clip = {"num_frames": 4}, root / "clip.mp4"
         write_video(clip, shape_clip("left", rng))
     else:
-        name, data, clip = "MIT/ast-finetuned-audioset-10-10-0.4593", {}, root / "tone.wav"
-        sizes = dict(max_length=1024, num_mel_bins=128, patch_size=16, frequency_stride=16, time_stride=16)
+        data, clip = {}, root / "tone.wav"
         write_wav(clip, tone("high", rng))
-    encoder = {"kind": {"video": "timesformer", "audio": "ast"}[kind], "name": name, "pretrained": False}
-    encoder |= {"num_states": 2, "config_overrides": TINY_HF | sizes}
+    encoder = tiny_encoder(kind)
     adapter = make_adapter(root, encoder, modality=kind, **data)
     return adapter, clip
 
