@@ -17,6 +17,15 @@ from epalm.config import build_config  # noqa: E402
 from testing.support import tiny_tree  # noqa: E402
 
 
+@pytest.fixture(name="one_torch_thread")
+def _one_torch_thread():
+    """One intra-op thread for the test (opt in: `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    from testing.shard_fixtures import one_torch_thread
+
+    with one_torch_thread():
+        yield
+
+
 @pytest.fixture
 def tiny_config():
     return build_config(tiny_tree())

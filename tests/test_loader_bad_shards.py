@@ -13,16 +13,10 @@ import torch
 from epalm.config import build_config
 from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
 from epalm.data.stream import UnsafeMemberError, load_manifest
-from testing.shard_fixtures import one_torch_thread, write_dataset
+from testing.shard_fixtures import write_dataset
 from tests.remote_fixtures import replace_member, truncate_half
 
-pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
 
 
 def record_sizes(root):

@@ -14,16 +14,10 @@ from epalm.data import sources
 from epalm.data.loader import DatasetSpec, LoaderSettings, build_eval_loader, build_train_loader
 from epalm.data.sources import ShardReadError
 from epalm.data.stream import UnsafeMemberError, load_manifest
-from testing.shard_fixtures import one_torch_thread, write_dataset
+from testing.shard_fixtures import write_dataset
 from tests.remote_fixtures import s3_server, serve
 
-pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,9 @@ import pytest
 import torch
 
 from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
-from testing.shard_fixtures import one_torch_thread, write_dataset
+from testing.shard_fixtures import write_dataset
 
-pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
 
 
 TOTAL = 14  # batches compared: 2 epochs of 6, plus 2 into the third

@@ -12,15 +12,9 @@ import torch
 from epalm.data import collate
 from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
 from epalm.data.stream import UnsafeMemberError
-from testing.shard_fixtures import npy_bytes, one_torch_thread, write_dataset
+from testing.shard_fixtures import npy_bytes, write_dataset
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
 FINGERPRINT = {

@@ -12,16 +12,10 @@ from epalm.data.loader import (
     eval_batches_per_rank,
 )
 from epalm.data.text import ANSWER_TOKEN
-from testing.shard_fixtures import all_keys, one_torch_thread, write_dataset
+from testing.shard_fixtures import all_keys, write_dataset
 
 COUNTS = [9, 14, 5, 11]  # 39 samples in uneven shards
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

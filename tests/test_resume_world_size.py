@@ -16,15 +16,9 @@ from collections import Counter
 import pytest
 
 from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
-from testing.shard_fixtures import one_torch_thread, write_dataset
+from testing.shard_fixtures import write_dataset
 
-pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,9 @@ from epalm.data.transforms import (
     ImageTransform,
     random_resized_crop_params,
 )
-from testing.shard_fixtures import one_torch_thread, write_dataset
+from testing.shard_fixtures import write_dataset
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
 def pattern(frames: int = 0, h: int = 20, w: int = 28) -> torch.Tensor:
