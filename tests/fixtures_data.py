@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from data_shards import build
-from data_shards.demo import write_video, write_wav
+from data_shards.demo_media import write_video, write_wav
 from epalm.data import schema
 
 

@@ -105,7 +105,8 @@ def test_bad_inputs_raise_clear_errors(image_predictor, tmp_path):
 def test_video_frames_give_the_files_tensor(tmp_path):
     import av
 
-    from data_shards.demo import shape_clip, write_video
+    from data_shards.demo import shape_clip
+    from data_shards.demo_media import write_video
     from epalm.api import Predictor
 
     p = Predictor.load(
@@ -129,7 +130,8 @@ def test_video_frames_give_the_files_tensor(tmp_path):
 def test_audio_waveform_gives_the_files_tensor(tmp_path):
     import soundfile
 
-    from data_shards.demo import tone, write_wav
+    from data_shards.demo import tone
+    from data_shards.demo_media import write_wav
     from epalm.api import Predictor
 
     p = Predictor.load(make_adapter(tmp_path, tiny_encoder("audio"), modality="audio"), device="cpu")

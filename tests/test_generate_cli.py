@@ -117,7 +117,8 @@ def test_image_answer_and_caption(tmp_path, capsys):
 
 
 def test_video_answer_matches_eval(tmp_path, capsys):
-    from data_shards.demo import shape_clip, write_video
+    from data_shards.demo import shape_clip
+    from data_shards.demo_media import write_video
 
     adapter = make_adapter(tmp_path, tiny_encoder("video"), modality="video", num_frames=4)
     (tmp_path / "videos").mkdir()
@@ -143,7 +144,8 @@ def test_video_answer_matches_eval(tmp_path, capsys):
 
 
 def test_audio_caption(tmp_path, capsys):
-    from data_shards.demo import tone, write_wav
+    from data_shards.demo import tone
+    from data_shards.demo_media import write_wav
 
     adapter = make_adapter(tmp_path, tiny_encoder("audio"), modality="audio")
     (tmp_path / "audios").mkdir()
