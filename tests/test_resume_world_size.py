@@ -138,86 +138,18 @@ def test_a_mix_finishes_each_datasets_epoch_first(data, tiny_tokenizer):
 
 # --------------------------------------------------------------------------- end to end, torchrun on CPU
 
-HOOK = '''"""Test-only (tests/test_resume_world_size.py): log every training batch's sample keys with the loader's
-batch index, kill -9 this rank before it hands out batch EPALM_TEST_KILL_AT, and after a resume dump the
-restored trainable state; nothing in the library knows of it."""
-import importlib.abc, json, os, signal, sys
-
-OUT = os.environ["EPALM_TEST_OUT"]
-KILL_AT = int(os.environ.get("EPALM_TEST_KILL_AT", "-1"))
-
-
-def patch_loader(module):
-    original = module.ResumableLoader.__iter__
-
-    def logged(self):
-        for batch in original(self):
-            if batch.get("dataset") == "train":
-                index = self.consumed - 1  # the batch just handed out
-                if index == KILL_AT:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                with open(os.path.join(OUT, "keys-rank%s-%d.jsonl" % (os.environ["RANK"], os.getpid())), "a") as f:
-                    f.write(json.dumps({"index": index, "keys": batch["keys"]}) + "\\n")
-            yield batch
-
-    module.ResumableLoader.__iter__ = logged
-
-
-def patch_trainer(module):
-    original = module.Trainer._start
-
-    def start(self):
-        original(self)
-        if self.setup.resume_from is not None:
-            import torch
-            from epalm.train.trainable_state import gather_trainable_state
-
-            state = gather_trainable_state(self.engine)  # collective
-            if self.rank == 0:
-                torch.save(state, os.path.join(OUT, "restored.pt"))
-
-    module.Trainer._start = start
-
-
-PATCHES = {"epalm.data.resumable": patch_loader, "epalm.train.trainer": patch_trainer}
-
-
-class Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name not in PATCHES:
-            return None
-        for finder in sys.meta_path:
-            if finder is not self and hasattr(finder, "find_spec"):
-                spec = finder.find_spec(name, path, target)
-                if spec is not None:
-                    break
-        else:
-            return None
-        execute = spec.loader.exec_module
-
-        def exec_module(module):
-            execute(module)
-            PATCHES[name](module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-sys.meta_path.insert(0, Finder())
-'''
-
 
 def _torchrun(config, ranks: int, zero: int, out, *args: str, kill_at: int = -1):
     import subprocess
 
     from epalm.distributed import free_port
-    from testing.support import cpu_child_env
+    from testing.support import FAULT_HOOK, cpu_child_env
     from tests.training_fixtures import ROOT, VENV_BIN
 
-    hook = out / "hook"
-    hook.mkdir(parents=True, exist_ok=True)
-    (hook / "sitecustomize.py").write_text(HOOK)
-    env = cpu_child_env(PYTHONPATH=f"{hook}:{ROOT}", EPALM_TEST_OUT=str(out), EPALM_TEST_KILL_AT=str(kill_at))
+    out.mkdir(parents=True, exist_ok=True)
+    fault = {"EPALM_FAULT": f"kill_at_batch:{kill_at}"} if kill_at >= 0 else {}
+    # tests/fault_hook logs every batch's keys into `out` (and the restored state after a resume)
+    env = cpu_child_env(PYTHONPATH=f"{FAULT_HOOK}:{ROOT}", EPALM_TRACE_DIR=str(out), **fault)
     cmd = [
         str(VENV_BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
         str(ROOT / "launch" / "train.py"), "--config", str(config), "--precision", "fp32",

@@ -7,6 +7,9 @@ Python imports `sitecustomize` at start-up, and this one patches modules as they
     sigterm_at_step:N              SIGTERM to itself right after step N (the trainer checkpoints and exits 75)
   epalm.run.checkpoint
     kill_in_save:N                 SIGKILL in the middle of step N's checkpoint (after DeepSpeed's files)
+  epalm.data.resumable
+    kill_at_batch:N                SIGKILL just before the loader hands out training batch N (its batch index,
+                                   from 0, counted across resumes as the checkpoint's consumed batches)
   epalm.data.collate
     stall_batch:N                  the N-th training batch this process assembles never comes: its reader
                                    sleeps for good, as on a shard server that stopped sending (and touches
@@ -15,17 +18,23 @@ Python imports `sitecustomize` at start-up, and this one patches modules as they
   extract's own functions cannot be patched; the tar writer it calls can); N counts the tars this process writes:
     extract_kill_in_shard:N        SIGKILL with the N-th shard's tar half written (its .tmp left behind)
     extract_sigterm_after_shard:N  SIGTERM to itself once the N-th tar is written (extract exits 75)
+
+EPALM_TRACE_DIR=DIR (with or without a fault) records, for tests/test_resume_world_size.py: every training batch's
+sample keys with its loader index (DIR/keys-rank<R>-<pid>.jsonl), and after a resume the restored trainable state
+(DIR/restored.pt, rank 0).
 """
 
 from __future__ import annotations
 
 import importlib.abc
+import json
 import os
 import signal
 import sys
 import time
 
 _SPEC = os.environ.get("EPALM_FAULT", "")
+_TRACE = os.environ.get("EPALM_TRACE_DIR", "")
 
 
 def _parse():
@@ -34,6 +43,8 @@ def _parse():
 
 
 def _mine(kind: str, step: int) -> bool:
+    if not _SPEC:
+        return False
     want_kind, want_step, want_rank = _parse()
     from epalm.distributed import get_dist_info  # imported by now: the trainer is running
 
@@ -53,6 +64,39 @@ def _patch_trainer(module) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     module.Trainer._train_step = train_step
+    if _TRACE:
+        start = module.Trainer._start
+
+        def start_then_dump(self):
+            start(self)
+            if self.setup.resume_from is not None:
+                import torch
+
+                from epalm.train.trainable_state import gather_trainable_state
+
+                state = gather_trainable_state(self.engine)  # a collective: every rank calls it
+                if self.rank == 0:
+                    torch.save(state, os.path.join(_TRACE, "restored.pt"))
+
+        module.Trainer._start = start_then_dump
+
+
+def _patch_resumable(module) -> None:
+    original = module.ResumableLoader.__iter__
+
+    def logged(self):
+        for batch in original(self):
+            if batch.get("dataset") == "train":
+                index = self.consumed - 1  # the batch about to be handed out
+                if _mine("kill_at_batch", index):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if _TRACE:
+                    name = f"keys-rank{os.environ['RANK']}-{os.getpid()}.jsonl"
+                    with open(os.path.join(_TRACE, name), "a") as f:
+                        f.write(json.dumps({"index": index, "keys": batch["keys"]}) + "\n")
+            yield batch
+
+    module.ResumableLoader.__iter__ = logged
 
 
 def _patch_checkpoint(module) -> None:
@@ -119,6 +163,7 @@ def _patch_writer(module) -> None:
 _PATCHES = {
     "epalm.train.trainer": _patch_trainer,
     "epalm.run.checkpoint": _patch_checkpoint,
+    "epalm.data.resumable": _patch_resumable,
     "epalm.data.collate": _patch_collate,
     "data_shards.writer": _patch_writer,
 }
@@ -148,5 +193,5 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if _SPEC:
+if _SPEC or _TRACE:
     sys.meta_path.insert(0, _PatchOnImport())
