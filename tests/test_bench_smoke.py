@@ -96,6 +96,16 @@ def test_zero_table_ratios_and_floor():
     assert f["floor"]["ZeRO-3"] == pytest.approx(1.0 + 2.001e9 / 1e9)
 
 
+def test_zero_larger_micro_batch_table_takes_the_worse_rank():
+    ranks = [
+        {"ZeRO-0": {"step_s": 1.0, "larger_step_s": 2.0}, "ZeRO-3": {"step_s": 3.0, "larger_step_s": 2.5}},
+        {"ZeRO-0": {"step_s": 1.0, "larger_step_s": 2.0}, "ZeRO-3": {"step_s": 2.0, "larger_step_s": 3.0}},
+    ]
+    text, ratio = zero.larger_table(ranks, ["ZeRO-0", "ZeRO-3"])
+    assert ratio == {"ZeRO-0": 1.0, "ZeRO-3": 1.5}
+    assert "| ZeRO-3 | 3.00x | 3.000 | 1.50x |" in text
+
+
 def test_helpers():
     assert bench_env()["OMP_NUM_THREADS"] == "1"
     assert "load" in machine_load()
