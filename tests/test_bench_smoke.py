@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import features, zero
+from bench import features, zero, zero_rank
 from bench._launch import bench_env, machine_load, model_tree, proc_status_kib
 from epalm.config import EncoderConfig, LMConfig
 from epalm.model.encoders import build_encoder
@@ -77,7 +77,7 @@ def test_frozen_resident_bytes_counts_shards_and_tied_weights_once():
         def trainable_named_parameters(self):
             return list(self.adapter.named_parameters())
 
-    assert zero.frozen_resident_bytes(Tiny()) == 10 * 4 * 2 + 3 * 4
+    assert zero_rank.frozen_resident_bytes(Tiny()) == 10 * 4 * 2 + 3 * 4
 
 
 def test_zero_table_ratios_and_floor():
