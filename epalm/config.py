@@ -468,6 +468,18 @@ def gradient_accumulation_steps(train: TrainConfig, world_size: int) -> int:
             [
                 f"train.global_batch_size {train.global_batch_size} is not divisible by "
                 f"micro_batch_size {train.micro_batch_size} x world_size {world_size} = {per_step}"
+                f"{_batch_hint(train.global_batch_size, train.micro_batch_size, world_size)}"
             ]
         )
     return train.global_batch_size // per_step
+
+
+def _batch_hint(global_batch: int, micro: int, world_size: int) -> str:
+    """What would divide: the largest micro-batch up to `micro` that splits each rank's share of the global batch,
+    else the nearest global batch the micro-batch and world size do divide."""
+    if global_batch % world_size == 0 and global_batch >= world_size:
+        share = global_batch // world_size
+        fits = max(m for m in range(1, min(micro, share) + 1) if share % m == 0)
+        return f" (train.micro_batch_size={fits} divides it: {share} samples per rank and step)"
+    per_step = micro * world_size
+    return f" (train.global_batch_size={per_step * max(1, round(global_batch / per_step))} would divide)"

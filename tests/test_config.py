@@ -65,8 +65,12 @@ def test_config_is_frozen():
 def test_batch_arithmetic():
     cfg = build_config(tiny_tree(), ["train.global_batch_size=32", "train.micro_batch_size=4"])
     assert gradient_accumulation_steps(cfg.train, 2) == 4
-    with pytest.raises(ConfigError, match="not divisible"):
+    with pytest.raises(ConfigError, match="not divisible") as e:
         gradient_accumulation_steps(cfg.train, 3)
+    assert "(train.global_batch_size=36 would divide)" in str(e.value)  # 32 is not a multiple of 3 ranks
+    with pytest.raises(ConfigError) as e:
+        gradient_accumulation_steps(cfg.train, 16)  # 2 samples per rank: a micro-batch of 4 cannot be
+    assert "(train.micro_batch_size=2 divides it: 2 samples per rank and step)" in str(e.value)
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
