@@ -57,15 +57,10 @@ def build(dtype: torch.dtype):
 
 def step_flops(model) -> dict[str, float]:
     """FLOPs of one step by the FLOP model, live (encoder forward + LM) and cached (LM only)."""
-    from epalm.train.time_plan import lm_train_flops, vit_forward_flops
+    from epalm.train.time_plan import flops_per_sample
 
-    def count(module, skip: str) -> int:
-        return sum(p.numel() for n, p in module.named_parameters() if skip not in n)
-
-    vit = model.encoder.model
-    lm = lm_train_flops(count(model.lm, "embed_positions"), TEXT + model.prompt.num_tokens) * BATCH
-    enc = vit_forward_flops(count(vit, "pos_embed"), len(vit.blocks), vit.embed_dim, 196) * BATCH
-    return {"live": lm + enc, "cached": lm}
+    lm, enc = flops_per_sample(model, TEXT)
+    return {"live": (lm + enc) * BATCH, "cached": lm * BATCH}
 
 
 def gemm_shapes(model) -> dict[str, list[tuple[str, int, int, int, int]]]:

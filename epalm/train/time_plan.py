@@ -63,18 +63,20 @@ def encoder_tokens(encoder) -> int:
     return f * t + 2
 
 
-def flops_per_sample(model, cfg: Config, text_tokens: int) -> tuple[float, float]:
-    """(LM forward + backward, encoder forward) FLOPs of one sample; N without position tables."""
+def flop_params(module, skip: str) -> int:
+    """The parameters of `module` that cost FLOPs per token: all but those whose name holds `skip` (the position
+    table); a tied weight once, a ZeRO-3 partitioned parameter whole."""
+    return sum(getattr(p, "ds_numel", p.numel()) for n, p in module.named_parameters() if skip not in n)
 
-    def count(module, skip: str) -> int:
-        return sum(p.numel() for n, p in module.named_parameters() if skip not in n)
 
+def flops_per_sample(model, text_tokens: int) -> tuple[float, float]:
+    """(LM forward + backward, encoder forward) FLOPs of one sample of the built (meta or engine's) model."""
     prompt = model.prompt.num_tokens if model.prompt is not None else 0
-    lm = lm_train_flops(count(model.lm, "embed_positions"), text_tokens + prompt)
+    lm = lm_train_flops(flop_params(model.lm, "embed_positions"), text_tokens + prompt)
     if model.encoder is None:  # cached features: the encoder ran before training
         return lm, 0.0
     inner = model.encoder.model
-    n_enc = count(inner, "pos_embed")
+    n_enc = flop_params(inner, "pos_embed")
     tokens = encoder_tokens(model.encoder)
     if hasattr(inner, "blocks"):
         return lm, vit_forward_flops(n_enc, len(inner.blocks), inner.embed_dim, tokens - 1)
@@ -121,7 +123,7 @@ def plan_time(
     micro = cfg.train.micro_batch_size
     accum = gradient_accumulation_steps(cfg.train, gpus)
     per_step = micro * accum  # samples per GPU and optimizer step
-    lm_f, enc_f = flops_per_sample(model, cfg, text_tokens)
+    lm_f, enc_f = flops_per_sample(model, text_tokens)
     peak = gpu.peak_flops[precision]
     bpe = BYTES[precision]
     read_fwd, read_bwd = gathered_elements(model, {"stage3_max_reuse_distance": 0})

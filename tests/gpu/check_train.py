@@ -82,19 +82,12 @@ def build_cfg(dry_run: bool, micro: int, world: int, steps: int):
 
 
 def flops_per_sample(model, text_tokens: int) -> tuple[float, int, int]:
-    """4 N_lm x LM tokens (frozen LM fwd + bwd) + ViT forward; N from the built model (ZeRO-3 aware)."""
-    from epalm.train.time_plan import lm_train_flops, vit_forward_flops
+    """The time plan's FLOP model on the built model (ZeRO-3 aware): FLOPs per sample, N_lm, N_encoder."""
+    from epalm.train.time_plan import flop_params
+    from epalm.train.time_plan import flops_per_sample as per_sample
 
-    def count(module, skip: str) -> int:
-        return sum(getattr(p, "ds_numel", p.numel()) for n, p in module.named_parameters() if skip not in n)
-
-    n_lm = count(model.lm, "embed_positions")  # the tied head is listed once, as the FLOP model wants
-    vit = model.encoder.model
-    n_enc = count(vit, "pos_embed")
-    prompt = model.prompt.num_tokens if model.prompt is not None else 0
-    lm = lm_train_flops(n_lm, text_tokens + prompt)
-    enc = vit_forward_flops(n_enc, len(vit.blocks), vit.embed_dim, vit.patch_embed.num_patches)
-    return lm + enc, n_lm, n_enc
+    lm, enc = per_sample(model, text_tokens)
+    return lm + enc, flop_params(model.lm, "embed_positions"), flop_params(model.encoder.model, "pos_embed")
 
 
 def build_on_device(stage: int, ds_config: dict, device):
