@@ -42,6 +42,7 @@ class TrainSetup:
     run_dir: Path
     evaluation: GenerationEval | None = None  # the generation metric on data.val and/or the final test eval
     resume_changes: ResumeChanges | None = None  # the config's differences from the checkpoint's
+    data_identity: list[str] | None = None  # the training shards' manifest digests, kept in each checkpoint
 
 
 def build_train_setup(
@@ -92,8 +93,9 @@ def build_train_setup(
     data = data_identity([plan.shards for plan in loader.plans])
     changes = None if resume_from is None else agreed_changes(resume_from, cfg, info, allow_inexact, data)
     return TrainSetup(
-        cfg, info, ds_config, loader, val_loaders, tokenizer, total, resume_from, run_dir, evaluation, changes
-    )
+        cfg, info, ds_config, loader, val_loaders, tokenizer, total, resume_from, run_dir, evaluation,
+        resume_changes=changes, data_identity=data,
+    )  # fmt: skip
 
 
 def agreed_changes(

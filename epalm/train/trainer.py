@@ -30,7 +30,7 @@ from epalm.exit_codes import STOP_SIGNALS
 from epalm.run import checkpoint as ckpt
 from epalm.run import layout
 from epalm.run.adapter import save_adapter
-from epalm.run.resume_changes import apply_schedule, data_identity
+from epalm.run.resume_changes import apply_schedule
 from epalm.train.engine import Engine, build_engine, frozen_checksum, full_frozen_digest, gather_adapter_state
 from epalm.train.fetch import StepFetcher
 from epalm.train.nonfinite import NonFiniteGuard, require_finite, update_skipped
@@ -221,7 +221,7 @@ class Trainer:
         state = {
             "loader": self.fetch.state_dict(),  # where the last step handed out ended (epalm.train.fetch)
             "config": dataclasses.asdict(self.cfg),  # what resume compares against (epalm.run.resume_changes)
-            "data_identity": data_identity([plan.shards for plan in self.setup.loader.plans]),
+            "data_identity": self.setup.data_identity,
             "frozen_checksum": checksum,
             "world_size": self.world,
             "zero_stage": self.engine.stage,  # with world_size: whether DeepSpeed's files can load on resume
