@@ -1,5 +1,5 @@
 """Tiny shards written straight with `tarfile` in the layout of `epalm.data.schema` (image / video / audio, QA or
-caption, optional cached features), for the loader, training and evaluation tests; and `one_torch_thread`.
+caption, optional cached features), for the loader, training and evaluation tests; `one_torch_thread`, and `take` (the next n batches of a loader).
 
 Separate from fixtures_data.py: no shard builder (`data_shards`) is involved, so a loader test fails only for
 the loader. training_fixtures.py and length_fixtures.py build on the writers here.
@@ -115,3 +115,14 @@ def write_dataset(
 
 def all_keys(prefix: str, n: int) -> set[str]:
     return {f"{prefix}{i:05d}" for i in range(n)}
+
+
+def take(loader, n: int) -> list[dict]:
+    """The next n batches of a loader, across epoch ends, as a trainer consumes them."""
+    out = []
+    while len(out) < n:
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                break
+    return out

@@ -13,7 +13,7 @@ import torch
 from epalm.config import build_config
 from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
 from epalm.data.stream import UnsafeMemberError, load_manifest
-from testing.shard_fixtures import write_dataset
+from testing.shard_fixtures import take, write_dataset
 from tests.remote_fixtures import replace_member, truncate_half
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
@@ -32,16 +32,6 @@ def record_sizes(root):
 def make(root, tokenizer, **kw):
     args = dict(batch_size=4, rank=0, world_size=2, num_workers=0, seed=3, image_size=16, shuffle_buffer=4)
     return build_train_loader([DatasetSpec(root, "qa", "image")], tokenizer, LoaderSettings(**args | kw))
-
-
-def take(loader, n):
-    out = []
-    while len(out) < n:
-        for batch in loader:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
 
 
 def test_missing_or_truncated_shard_is_found_before_training(tmp_path, tiny_tokenizer):

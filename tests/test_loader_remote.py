@@ -14,7 +14,7 @@ from epalm.data import sources
 from epalm.data.loader import DatasetSpec, LoaderSettings, build_eval_loader, build_train_loader
 from epalm.data.sources import ShardReadError
 from epalm.data.stream import UnsafeMemberError, load_manifest
-from testing.shard_fixtures import write_dataset
+from testing.shard_fixtures import take, write_dataset
 from tests.remote_fixtures import s3_server, serve
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
@@ -28,16 +28,6 @@ def shards(tmp_path_factory):
 def make(path, tokenizer, **kw):
     args = dict(batch_size=3, rank=1, world_size=2, num_workers=0, seed=7, image_size=16, shuffle_buffer=4)
     return build_train_loader([DatasetSpec(path, "qa", "image")], tokenizer, LoaderSettings(**args | kw))
-
-
-def take(loader, n: int) -> list[dict]:
-    out = []
-    while len(out) < n:
-        for batch in loader:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
 
 
 def same(a: list[dict], b: list[dict]) -> bool:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
-from testing.shard_fixtures import write_dataset
+from testing.shard_fixtures import take, write_dataset
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -27,17 +27,6 @@ def data(tmp_path_factory):
 def make(specs, tokenizer, num_workers, **kw):
     args = dict(batch_size=3, rank=1, world_size=2, num_workers=num_workers, seed=7, image_size=16)
     return build_train_loader(list(specs), tokenizer, LoaderSettings(shuffle_buffer=4, **args | kw))
-
-
-def take(loader, n: int) -> list[dict]:
-    """The next n batches, across epoch ends, as a trainer would consume them."""
-    out = []
-    while len(out) < n:
-        for batch in loader:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
 
 
 def resumed(specs, tokenizer, num_workers, k: int) -> tuple[list[dict], dict]:

@@ -16,9 +16,9 @@ from epalm.data.loader import DatasetSpec, LoaderSettings, build_eval_loader, bu
 from epalm.data.remote_read import DEFAULT_LIMITS, ReadLimits
 from epalm.data.sources import ShardReadError
 from epalm.data.stream import load_manifest
-from testing.shard_fixtures import write_dataset
+from testing.shard_fixtures import take, write_dataset
 from tests.remote_fixtures import ShardServer, serve
-from tests.test_loader_remote import same, take
+from tests.test_loader_remote import same
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 SHARD = "train/train-000000.tar"

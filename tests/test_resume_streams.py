@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 from epalm.data import schema
 from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
 from epalm.data.text import build_tokenizer
-from testing.shard_fixtures import one_torch_thread, write_dataset
+from testing.shard_fixtures import one_torch_thread, take, write_dataset
 from tests.remote_fixtures import replace_member, serve
-from tests.test_loader_remote import pipe_of, same, take
+from tests.test_loader_remote import pipe_of, same
 
 pytestmark = pytest.mark.timeout(300)
 TOTAL = 12  # batches per rank: 8 an epoch, so the resumed run crosses an epoch end

@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 
 from epalm.data.loader import DatasetSpec, LoaderSettings, build_train_loader
-from testing.shard_fixtures import write_dataset
+from testing.shard_fixtures import take, write_dataset
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -33,16 +33,6 @@ def loaders(specs, tokenizer, world: int, **kw) -> list:
     args = dict(batch_size=2, world_size=world, num_workers=0, seed=5, image_size=16, shuffle_buffer=6)
     settings = [LoaderSettings(rank=r, **args | kw) for r in range(world)]
     return [build_train_loader(list(specs), tokenizer, s) for s in settings]
-
-
-def take(loader, n: int) -> list[dict]:
-    out = []
-    while len(out) < n:
-        for batch in loader:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
 
 
 def rest_of_epoch(loader) -> list[dict]:
