@@ -1,5 +1,6 @@
 """Tiny shards written straight with `tarfile` in the layout of `epalm.data.schema` (image / video / audio, QA or
-caption, optional cached features), for the loader, training and evaluation tests; `one_torch_thread`, and `take` (the next n batches of a loader).
+caption, optional cached features), for the loader, training and evaluation tests; `one_torch_thread`, and
+`take` (the next n batches of a loader).
 
 Separate from fixtures_data.py: no shard builder (`data_shards`) is involved, so a loader test fails only for
 the loader. training_fixtures.py and length_fixtures.py build on the writers here.
