@@ -215,23 +215,32 @@ def test_a_stop_signal_is_honoured_while_a_rank_waits_for_data(tmp_path):
     assert json.loads((run / layout.SUMMARY).read_text())["step"] == 8
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_sigterm_to_the_plain_deepspeed_runner_checkpoints_every_rank(tmp_path):
-    """No supervisor: the runner dies of SIGTERM at once, and each rank notices its launcher is gone."""
-    config = write_setup(tmp_path, max_steps=5000, save_every=0, eval_every=0)
-    ranks, run = tmp_path / "ranks", tmp_path / "run"
+@contextlib.contextmanager
+def _two_ranks_past_step_2(config: Path, tmp_path: Path):
+    """`deepspeed --num_gpus 2` training `config` (write_setup's, into tmp_path), once its run logged step 2:
+    yields (the runner, rank -> pid, the ranks' supervisor directory); every process is gone afterwards."""
+    ranks = tmp_path / "ranks"
     ranks.mkdir()
     proc = _start(config, tmp_path / "out.txt", EPALM_SUPERVISOR_DIR=str(ranks))
     pids = {}
     try:
         pids = _rank_pids(ranks)
-        _wait_for(lambda: _logged_step(run) >= 2, 120, "step 2")
+        _wait_for(lambda: _logged_step(tmp_path / "run") >= 2, 120, "step 2")
+        yield proc, pids, ranks
+    finally:
+        _cleanup(proc, pids)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sigterm_to_the_plain_deepspeed_runner_checkpoints_every_rank(tmp_path):
+    """No supervisor: the runner dies of SIGTERM at once, and each rank notices its launcher is gone."""
+    config = write_setup(tmp_path, max_steps=5000, save_every=0, eval_every=0)
+    run = tmp_path / "run"
+    with _two_ranks_past_step_2(config, tmp_path) as (proc, pids, ranks):
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=30) != 0  # the runner itself is gone at once...
         codes = _exit_codes(ranks, timeout=60)  # ...the ranks checkpoint and end on their own
-    finally:
-        _cleanup(proc, pids)
     assert codes == [REQUEUE, REQUEUE], (tmp_path / "out.txt").read_text()[-3000:]
     stopped = json.loads((run / layout.STOPPED).read_text())["step"]
     assert 2 <= stopped < 5000
@@ -244,19 +253,11 @@ def test_a_stopped_rank_is_named_and_the_job_fails_after_the_collective_timeout(
     config = write_setup(
         tmp_path, max_steps=5000, save_every=0, eval_every=0, watchdog_s=2, collective_timeout_s=15
     )
-    ranks, run = tmp_path / "ranks", tmp_path / "run"
-    ranks.mkdir()
-    proc = _start(config, tmp_path / "out.txt", EPALM_SUPERVISOR_DIR=str(ranks))
-    pids = {}
-    try:
-        pids = _rank_pids(ranks)
-        _wait_for(lambda: _logged_step(run) >= 2, 120, "step 2")
+    with _two_ranks_past_step_2(config, tmp_path) as (_, pids, _):
         os.kill(pids[1], signal.SIGSTOP)
         start = time.monotonic()
         _wait_for(lambda: not Path(f"/proc/{pids[0]}").exists() or _zombie(pids[0]), 90, "rank 0 to fail")
         took = time.monotonic() - start
-    finally:
-        _cleanup(proc, pids)
     out = (tmp_path / "out.txt").read_text()
     assert "no step for" in out and "on rank 0" in out, out[-3000:]
     assert "no sign of life from rank 1" in out and f"pid {pids[1]}" in out
